@@ -1,0 +1,83 @@
+"""Training checkpoints with orbax-checkpoint (SPEC 4).
+
+A checkpoint holds the whole training state as one pytree (params, optimizer state, regulariser
+state, RNG key) plus a small JSON record (step, loader position, config hash). orbax writes each
+step to a temporary folder and renames it when complete, and removes old steps only after a newer
+one is committed, so a kill at any moment leaves the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+DEFAULT_KEEP = 3
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for this run; the message names the fix."""
+
+
+class Checkpoints:
+    """The ``checkpoints/`` folder of one run: the last ``keep`` steps (the final one included)."""
+
+    def __init__(self, directory: str | Path, keep: int = DEFAULT_KEEP) -> None:
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, record: dict) -> None:
+        """Save ``state`` (a pytree of arrays) and ``record`` (JSON) as checkpoint ``step``.
+
+        Returns once the arrays are copied off the device; writing to disk finishes in the
+        background (``close()`` waits for it).
+        """
+        if step in self._manager.all_steps():
+            return
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
+        )
+        self._manager.save(step, args=args)
+
+    def read_record(self, step: int) -> dict:
+        """The JSON record of a checkpoint, without reading its arrays."""
+        self._manager.wait_until_finished()
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
+        )
+        return dict(restored.record)
+
+    def restore(self, step: int, like: Any, config_hash: str) -> tuple[Any, dict]:
+        """Restore checkpoint ``step`` into the structure, shapes and dtypes of ``like``.
+
+        Refuses a checkpoint written under another configuration: continuing it would silently
+        mix two experiments.
+        """
+        record = self.read_record(step)
+        if record.get("config_hash") != config_hash:
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} belongs to a run with a different "
+                "config; rerun with the original flags or choose a new --out"
+            )
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        return self._manager.restore(step, args=args).state, record
+
+    def close(self) -> None:
+        """Wait for pending writes, then release the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,21 @@
+"""L1 sparsity penalty of the `standard` SAE: lambda * mean_batch sum_i |h_i| (SPEC 3.1)."""
+
+import jax.numpy as jnp
+
+from jax_sae.losses import LossContext, LossTerm, TermOutput
+
+
+class L1Penalty(LossTerm):
+    """`coefficient` names lambda's hyper-parameter: `temporal` (SPEC 3.8) calls it lambda_1."""
+
+    def __init__(self, coefficient: str = "lambda", default: float = 0.04) -> None:
+        self.coefficient = coefficient
+        self.HPARAMS = {coefficient: default}
+
+    def check_hparams(self, hparams, d_in, d_sae):
+        if hparams[self.coefficient] < 0:
+            raise ValueError(f"{self.coefficient} must be >= 0, got {hparams[self.coefficient]}")
+
+    def __call__(self, ctx: LossContext, state) -> TermOutput:
+        l1 = jnp.mean(jnp.sum(jnp.abs(ctx.fwd.h), axis=-1))
+        return TermOutput(ctx.hparams[self.coefficient] * l1, {}, {"l1": l1})

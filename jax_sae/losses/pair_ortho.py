@@ -1,0 +1,186 @@
+"""Orthogonality of the instantaneously most co-active latent pairs, `pair_ortho` (SPEC 3.7).
+
+ReLU SAE + L1 plus, with unit decoder rows d_i:
+
+    s_ij   = mean_batch h_i h_j   (i < j; no gradient: selection and weights are constants)
+    S      = the K pairs with the largest s_ij, K = max(min_pairs, floor(rho * F (F - 1) / 2)),
+             capped at F (F - 1) / 2
+    L_pair = tau * mean_{(i, j) in S} t_ij |d_i . d_j|
+
+with t_ij = 1 (`tau_mode=fixed`) or t_ij = 1 + s_ij / max s (`tau_mode=adaptive`, max over all
+pairs i < j, i.e. the first selected score; the ratio is 0 when max s <= 0).
+
+`score_ema=true` selects on an exponential moving average of the scores instead (state
+`pair_scores` [F, F], decay `score_ema_decay` 0.95, starting at 0 and updated before the
+selection; the zero-start bias is a common factor, which changes neither the selection nor
+s / max s). Opt-in: the state is 4 F^2 bytes (1 GiB at F = 16384, 16 GiB at F = 65536).
+
+Selection (`jax_sae.blockwise.top_upper_pairs`): s is computed in `block_size` x `block_size`
+tiles on or above the diagonal (peak memory O(block_size^2 + K) besides the [B, F] codes), merged
+into a running top-K list. `topk_method=exact` uses `lax.top_k` (ties go to earlier tiles, then
+row-major); `approx` uses `lax.approx_max_k` per tile. The default is `exact` for F <= 16384 and
+`approx` above, resolved when the variant is built so the run config records the method that
+ran; `auto` applies the same rule at trace time.
+
+Stability: state `pair_prev_rows`/`pair_prev_cols` [K] hold the previous step's selection; the
+metric `pair_jaccard` = |S_t & S_{t-1}| / |S_t | S_{t-1}| (0 at the first step, which has none).
+Other metrics: `pair_ortho` = L_pair / tau (mean_S t_ij |d_i . d_j|) and `pair_score_max` = max s.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jax_sae import blockwise
+from jax_sae.losses import LossContext, LossTerm, TermOutput
+from jax_sae.models import matmul
+
+SCORES_KEY = "pair_scores"
+PREV_ROWS_KEY = "pair_prev_rows"
+PREV_COLS_KEY = "pair_prev_cols"
+EXACT_MAX_LATENTS = 16384
+"""Largest F for which `topk_method` defaults to exact."""
+PAIR_CHUNK = 8192
+"""Selected pairs whose decoder rows are gathered at once ([PAIR_CHUNK, d] twice)."""
+
+
+def n_selected(d_sae: int, rho: float, min_pairs: int) -> int:
+    """K = max(min_pairs, floor(rho * F (F - 1) / 2)), capped at the number of pairs."""
+    total = blockwise.n_upper_pairs(d_sae)
+    return min(total, max(min_pairs, int(rho * total)))
+
+
+def resolve_method(method: str, d_sae: int) -> str:
+    if method == "auto":
+        return "exact" if d_sae <= EXACT_MAX_LATENTS else "approx"
+    return method
+
+
+def selected_pairs_sum(
+    w_dec: jax.Array, args: tuple[jax.Array, jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    """(sum_p coef_p |d_{rows_p} . d_{cols_p}|, its gradient w.r.t. w_dec), in chunks of pairs."""
+    rows, cols, coef = args
+    n_chunks = blockwise.n_blocks(rows.shape[0], PAIR_CHUNK)
+    pad = n_chunks * PAIR_CHUNK - rows.shape[0]
+    rows, cols, coef = (
+        jnp.pad(a, (0, pad)).reshape(n_chunks, -1) for a in (rows, cols, coef)
+    )  # padded pairs (0, 0) have coef 0
+
+    def chunk_sum(grad, chunk):
+        r, c, weight = chunk
+        d_r, d_c = w_dec[r], w_dec[c]
+        dot = jnp.sum(d_r * d_c, axis=1)
+        scale = (weight * jnp.sign(dot))[:, None]
+        grad = grad.at[r].add(scale * d_c).at[c].add(scale * d_r)
+        return grad, jnp.sum(weight * jnp.abs(dot))
+
+    grad, values = lax.scan(chunk_sum, jnp.zeros_like(w_dec), (rows, cols, coef))
+    return jnp.sum(values), grad
+
+
+def jaccard(rows: jax.Array, cols: jax.Array, prev_rows: jax.Array, prev_cols: jax.Array):
+    """|A & B| / |A | B| of two sets of K distinct pairs (0 when B is the initial -1 filler)."""
+    sorted_rows, sorted_cols = lax.sort(
+        (jnp.concatenate([rows, prev_rows]), jnp.concatenate([cols, prev_cols])), num_keys=2
+    )
+    same = (sorted_rows[1:] == sorted_rows[:-1]) & (sorted_cols[1:] == sorted_cols[:-1])
+    common = jnp.sum(same, dtype=jnp.float32)
+    value = common / (2 * rows.shape[0] - common)
+    return jnp.where(prev_rows[0] < 0, 0.0, value)
+
+
+def update_scores(
+    scores: jax.Array, codes: jax.Array, decay: float, block: int, compute_dtype
+) -> jax.Array:
+    """EMA of h^T h / B over the full [F, F] state, block by block (no second F x F temporary)."""
+    n_tokens, n_latents = codes.shape
+
+    def block_update(start):
+        rows, _ = blockwise.block_rows(start, block, n_latents)
+        batch = matmul(codes[:, rows].T, codes, compute_dtype) / n_tokens
+        return decay * scores[rows] + (1.0 - decay) * batch
+
+    return blockwise.unblock(blockwise.map_blocks(block_update, n_latents, block), n_latents)
+
+
+class PairOrthogonality(LossTerm):
+    HPARAMS = {
+        "tau": 0.1,
+        "tau_mode": "fixed",
+        "rho": 0.001,
+        "min_pairs": 10,
+        "score_ema": False,
+        "score_ema_decay": 0.95,
+        "topk_method": lambda d_in, d_sae: resolve_method("auto", d_sae),
+        "block_size": 1024,
+    }
+    CHOICES = {"tau_mode": ("fixed", "adaptive"), "topk_method": ("exact", "approx", "auto")}
+
+    def check_hparams(self, hparams, d_in, d_sae):
+        if d_sae < 2:
+            raise ValueError(f"pair_ortho needs d_sae >= 2 (pairs of latents), got {d_sae}")
+        if hparams["tau"] < 0:
+            raise ValueError(f"tau must be >= 0, got {hparams['tau']}")
+        if not 0 <= hparams["rho"] <= 1:
+            raise ValueError(f"rho must be in [0, 1], got {hparams['rho']}")
+        if hparams["min_pairs"] < 1:
+            raise ValueError(f"min_pairs must be >= 1, got {hparams['min_pairs']}")
+        if not 0 <= hparams["score_ema_decay"] < 1:
+            raise ValueError(f"score_ema_decay must be in [0, 1), got {hparams['score_ema_decay']}")
+        if hparams["block_size"] < 1:
+            raise ValueError(f"block_size must be >= 1, got {hparams['block_size']}")
+
+    def init_state(self, d_in, d_sae, hparams):
+        k = n_selected(d_sae, hparams["rho"], hparams["min_pairs"])
+        state = {
+            PREV_ROWS_KEY: jnp.full((k,), -1, jnp.int32),
+            PREV_COLS_KEY: jnp.full((k,), -1, jnp.int32),
+        }
+        if hparams["score_ema"]:
+            state[SCORES_KEY] = jnp.zeros((d_sae, d_sae), jnp.float32)
+        return state
+
+    def __call__(self, ctx: LossContext, state) -> TermOutput:
+        hp = ctx.hparams
+        dtype = ctx.model.compute_dtype
+        codes = lax.stop_gradient(ctx.fwd.h)
+        n_tokens, n_latents = codes.shape
+        block = hp["block_size"]
+        k = n_selected(n_latents, hp["rho"], hp["min_pairs"])
+        new_state = {}
+        if hp["score_ema"]:
+            scores = update_scores(state[SCORES_KEY], codes, hp["score_ema_decay"], block, dtype)
+            new_state[SCORES_KEY] = scores
+
+            def tile(row0, col0):
+                rows, _ = blockwise.block_rows(row0, block, n_latents)
+                cols, _ = blockwise.block_rows(col0, block, n_latents)
+                return scores[rows][:, cols]
+
+        else:
+
+            def tile(row0, col0):
+                rows, _ = blockwise.block_rows(row0, block, n_latents)
+                cols, _ = blockwise.block_rows(col0, block, n_latents)
+                return matmul(codes[:, rows].T, codes[:, cols], dtype) / n_tokens
+
+        method = resolve_method(hp["topk_method"], n_latents)
+        top = blockwise.top_upper_pairs(tile, n_latents, k, block, method)
+        top_score = top.values[0]
+        if hp["tau_mode"] == "adaptive":
+            relative = jnp.where(
+                top_score > 0, top.values / jnp.where(top_score > 0, top_score, 1), 0
+            )
+            weight = 1.0 + relative
+        else:
+            weight = jnp.ones_like(top.values)
+        args = (top.rows, top.cols, weight / k)
+        penalty = blockwise.value_with_gradient(selected_pairs_sum, ctx.params["W_dec"], args)
+        new_state[PREV_ROWS_KEY], new_state[PREV_COLS_KEY] = top.rows, top.cols
+        metrics = {
+            "pair_ortho": lax.stop_gradient(penalty),
+            "pair_jaccard": jaccard(top.rows, top.cols, state[PREV_ROWS_KEY], state[PREV_COLS_KEY]),
+            "pair_score_max": top_score,
+        }
+        return TermOutput(hp["tau"] * penalty, new_state, metrics)

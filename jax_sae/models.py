@@ -1,0 +1,392 @@
+"""Flax modules for the SAE architectures (SPEC 3).
+
+Parameters are a flat dict with SAELens names and shapes: `W_enc [d, F]`, `b_enc [F]`,
+`W_dec [F, d]`, `b_dec [d]` (+ `log_threshold [F]` for JumpReLU, exported as `threshold`).
+Every parameter whose name starts with `W_dec` is a dictionary with unit-norm rows; the optimizer
+(`jax_sae.optim`) keeps it so.
+
+An architecture class holds the forward rule only. Losses live in `jax_sae.losses`, the
+regulariser state in the state dict of `jax_sae.variants.Variant`; `state` reaches a module only
+where inference needs it (the BatchTopK threshold).
+
+Precision: with `compute_dtype=float32` every matmul runs at `Precision.HIGHEST`, i.e. true fp32.
+JAX's GPU default for fp32 is TF32 (10-bit mantissa), which silently costs reconstruction quality
+(explained variance is a difference of nearly equal numbers); on CPU HIGHEST is the ordinary fp32
+path and costs nothing. Whoever wants speed asks for `compute_dtype=bfloat16`: bf16 operands with
+fp32 accumulation, which is faster than TF32 and is an explicit choice.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_sae.activations import batch_topk_relu, jumprelu, topk_relu
+from jax_sae.init import kaiming_uniform, unit_rows_kaiming, unit_rows_normal
+
+Params = dict[str, jax.Array]
+State = dict[str, jax.Array]
+
+
+def _dot(a: jax.Array, b: jax.Array, compute_dtype: Any) -> jax.Array:
+    if jnp.dtype(compute_dtype) == jnp.float32:
+        return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+    return jnp.matmul(
+        a.astype(compute_dtype), b.astype(compute_dtype), preferred_element_type=jnp.float32
+    )
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(a: jax.Array, b: jax.Array, compute_dtype: Any) -> jax.Array:
+    """`a @ b` for 2-D arrays with operands in `compute_dtype` and a float32 result.
+
+    Written with an explicit backward pass for two reasons. (1) Mixed precision: autodiff of a
+    bf16 matmul gives float32-cotangent x bf16 products, which XLA runs in float32; here the
+    backward matmuls take `compute_dtype` operands too. (2) XLA:CPU computes the weight gradient
+    `a^T g` -> [m, n] about 2x slower when m < n (e.g. the encoder's [d, F]) than as `(g^T a)^T`
+    (measured at d 2304, F 16384, B 2048), so on CPU that case uses the latter; the barrier keeps
+    XLA from folding the transpose back. GPUs do not need it and would pay bandwidth for it.
+    """
+    return _dot(a, b, compute_dtype)
+
+
+def _matmul_fwd(a, b, compute_dtype):
+    return _dot(a, b, compute_dtype), (a, b)
+
+
+def _matmul_bwd(compute_dtype, residuals, g):
+    a, b = residuals
+    g_a = _dot(g, b.T, compute_dtype)  # removed by XLA when `a` needs no gradient (the input x)
+    if b.shape[0] < b.shape[1] and jax.default_backend() == "cpu":
+        g_b = lax.optimization_barrier(_dot(g.T, a, compute_dtype)).T
+    else:
+        g_b = _dot(a.T, g, compute_dtype)
+    return g_a.astype(a.dtype), g_b.astype(b.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Training-time forward pass. Architectures with more levels subclass it with more fields."""
+
+    pre: jax.Array  # [B, F] pre-activations
+    h: jax.Array  # [B, F] latent codes
+    x_hat: jax.Array  # [B, d] reconstruction
+
+
+class ReLUSAE(nn.Module):
+    """`standard`: h = relu(pre), pre = (x - b_dec) W_enc + b_enc, x_hat = h W_dec + b_dec.
+
+    Subclasses change `activate_train` (and `activate` where inference differs) and, where the
+    SPEC says so, the initialisation; the parameter layout, the encoder and the decoder are shared.
+    """
+
+    d_in: int
+    d_sae: int
+    compute_dtype: Any
+
+    HPARAMS: ClassVar[Mapping[str, Any]] = {}
+    """Architecture hyper-parameters and defaults; each is also a dataclass field of the class."""
+    EXPORT_ARCHITECTURE: ClassVar[str] = "standard"
+    """SAELens architecture name the exporter writes."""
+    B_DEC_FROM_DATA: ClassVar[bool] = False
+    """Initialise `b_dec` to the geometric median of a data sample (TopK family)."""
+
+    @classmethod
+    def from_hparams(cls, d_in: int, d_sae: int, hparams: Mapping[str, Any], compute_dtype: Any):
+        return cls(d_in, d_sae, compute_dtype, **{name: hparams[name] for name in cls.HPARAMS})
+
+    def setup(self) -> None:
+        self.W_enc, self.W_dec = self.dictionary()
+        self.b_enc = self.param("b_enc", nn.initializers.zeros_init(), (self.d_sae,))
+        self.b_dec = self.param("b_dec", nn.initializers.zeros_init(), (self.d_in,))
+
+    def dictionary(self) -> tuple[jax.Array, jax.Array]:
+        """Template init: kaiming-uniform `W_enc`, independent `W_dec` with unit rows."""
+        w_enc = self.param("W_enc", kaiming_uniform, (self.d_in, self.d_sae))
+        w_dec = self.param("W_dec", unit_rows_kaiming, (self.d_sae, self.d_in))
+        return w_enc, w_dec
+
+    def pre_activation(self, x: jax.Array) -> jax.Array:
+        """`(x - b_dec) W_enc + b_enc`, arranged so that b_dec's gradient costs a mat-vec.
+
+        Differentiating `(x - b_dec) @ W_enc` w.r.t. b_dec naively is a full [B, F] x [F, d] matmul
+        (the gradient w.r.t. the centred input) followed by a batch sum. Here the matmul sees
+        `x - stop_gradient(b_dec)`, and b_dec's gradient comes from a zero-valued correction term
+        `-(b_dec - stop_gradient(b_dec)) @ W_enc`, whose backward is `-(sum_b g_pre) @ W_enc^T`. The
+        value is unchanged; one of the six [B x F x d] matmuls of a step disappears.
+        """
+        b_dec_fixed = lax.stop_gradient(self.b_dec)
+        pre = matmul(x - b_dec_fixed, self.W_enc, self.compute_dtype) + self.b_enc
+        b_dec_delta = self.b_dec - b_dec_fixed  # == 0, carries the gradient only
+        return pre - jnp.matmul(
+            b_dec_delta, lax.stop_gradient(self.W_enc), precision=lax.Precision.HIGHEST
+        )
+
+    def activate_train(self, pre: jax.Array) -> jax.Array:
+        """Training-time activation."""
+        return jax.nn.relu(pre)
+
+    def activate(self, pre: jax.Array, state: State | None) -> jax.Array:
+        """Inference-time activation (same as training unless an architecture says otherwise)."""
+        return self.activate_train(pre)
+
+    def encode(self, x: jax.Array, state: State | None = None) -> jax.Array:
+        return self.activate(self.pre_activation(x), state)
+
+    def decode(self, h: jax.Array) -> jax.Array:
+        return matmul(h, self.W_dec, self.compute_dtype) + self.b_dec
+
+    def forward(self, x: jax.Array) -> Forward:
+        pre = self.pre_activation(x)
+        h = self.activate_train(pre)
+        return Forward(pre=pre, h=h, x_hat=self.decode(h))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.forward(x).x_hat
+
+    # --- conversions to the exported (SAELens) form; pure numpy, no module binding needed ---
+
+    @classmethod
+    def to_saelens(cls, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Parameters under SAELens names, float32 numpy."""
+        return {name: np.asarray(value, dtype=np.float32) for name, value in params.items()}
+
+    @classmethod
+    def from_saelens(cls, arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Inverse of `to_saelens`."""
+        return {name: np.asarray(value, dtype=np.float32) for name, value in arrays.items()}
+
+    @classmethod
+    def export_info(
+        cls, params: Mapping[str, Any], state: Mapping[str, Any], hparams: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        return {"architecture": cls.EXPORT_ARCHITECTURE}
+
+
+class TopKSAE(ReLUSAE):
+    """`topk`: h = relu(topk_k(pre)) per token (Gao et al. 2024)."""
+
+    k: int
+
+    HPARAMS: ClassVar[Mapping[str, Any]] = {"k": 320}
+    EXPORT_ARCHITECTURE: ClassVar[str] = "topk"
+    B_DEC_FROM_DATA: ClassVar[bool] = True
+
+    def dictionary(self) -> tuple[jax.Array, jax.Array]:
+        """TopK-family init: random unit decoder rows, encoder tied to the decoder transpose."""
+        w_dec = self.param("W_dec", unit_rows_normal, (self.d_sae, self.d_in))
+        w_enc = self.param("W_enc", lambda _key, _shape: w_dec.T, (self.d_in, self.d_sae))
+        return w_enc, w_dec
+
+    @classmethod
+    def check_hparams(cls, hparams: Mapping[str, Any], d_in: int, d_sae: int) -> None:
+        if not 1 <= hparams["k"] <= d_sae:
+            raise ValueError(
+                f"k={hparams['k']} must be in [1, d_sae={d_sae}]: set a smaller k or a larger d_sae"
+            )
+
+    def activate_train(self, pre: jax.Array) -> jax.Array:
+        return topk_relu(pre, self.k)
+
+    @classmethod
+    def export_info(cls, params, state, hparams) -> dict[str, Any]:
+        return {"architecture": cls.EXPORT_ARCHITECTURE, "k": hparams["k"]}
+
+
+class BatchTopKSAE(TopKSAE):
+    """`batchtopk`: training keeps the k * B largest activations of the batch (Bussmann et al.).
+
+    Inference cannot depend on the batch, so `encode` with a state applies the learned global
+    threshold (an EMA of the smallest kept activation, kept in `state["threshold"]` by
+    `jax_sae.losses.batchtopk_threshold`): h = relu(pre) * 1[pre > threshold], i.e. a JumpReLU,
+    which is also how it is exported. Before the threshold is set (state value < 0) this is relu.
+    Without a state `encode` falls back to the training rule on the given batch.
+    """
+
+    EXPORT_ARCHITECTURE: ClassVar[str] = "jumprelu"
+
+    def activate_train(self, pre: jax.Array) -> jax.Array:
+        return batch_topk_relu(pre, self.k)
+
+    def activate(self, pre: jax.Array, state: State | None) -> jax.Array:
+        if state is None:
+            return self.activate_train(pre)
+        return jnp.where(pre > state["threshold"], jax.nn.relu(pre), 0.0)
+
+    @classmethod
+    def export_info(cls, params, state, hparams) -> dict[str, Any]:
+        threshold = max(float(state["threshold"]), 0.0)
+        d_sae = np.shape(params["b_enc"])[-1]
+        return {
+            "architecture": cls.EXPORT_ARCHITECTURE,
+            "k": hparams["k"],
+            "threshold": np.full(d_sae, threshold, dtype=np.float32),
+        }
+
+
+class JumpReLUSAE(ReLUSAE):
+    """`jumprelu`: h = pre * H(pre - theta), theta = exp(log_threshold) > 0 per latent.
+
+    Stored as log theta so that theta stays positive under Adam; exported as `threshold` = theta.
+    """
+
+    bandwidth: float
+    threshold_init: float
+
+    HPARAMS: ClassVar[Mapping[str, Any]] = {"bandwidth": 0.001, "threshold_init": 0.001}
+    EXPORT_ARCHITECTURE: ClassVar[str] = "jumprelu"
+
+    @classmethod
+    def check_hparams(cls, hparams: Mapping[str, Any], d_in: int, d_sae: int) -> None:
+        for name in cls.HPARAMS:
+            if hparams[name] <= 0:
+                raise ValueError(f"{name} must be > 0, got {hparams[name]}")
+
+    def setup(self) -> None:
+        super().setup()
+        log_init = float(np.log(self.threshold_init))
+        self.log_threshold = self.param(
+            "log_threshold", nn.initializers.constant(log_init), (self.d_sae,)
+        )
+
+    def threshold(self) -> jax.Array:
+        return jnp.exp(self.log_threshold)
+
+    def activate_train(self, pre: jax.Array) -> jax.Array:
+        return jumprelu(pre, self.threshold(), self.bandwidth)
+
+    @classmethod
+    def to_saelens(cls, params) -> dict[str, np.ndarray]:
+        arrays = {name: value for name, value in params.items() if name != "log_threshold"}
+        arrays["threshold"] = np.exp(np.asarray(params["log_threshold"], dtype=np.float64))
+        return super().to_saelens(arrays)
+
+    @classmethod
+    def from_saelens(cls, arrays) -> dict[str, np.ndarray]:
+        params = {name: value for name, value in arrays.items() if name != "threshold"}
+        threshold = np.asarray(arrays["threshold"], dtype=np.float64)
+        if np.any(threshold <= 0):
+            raise ValueError("jumprelu threshold must be > 0 everywhere (it is stored as a log)")
+        params["log_threshold"] = np.log(threshold)
+        return super().from_saelens(params)
+
+    @classmethod
+    def export_info(cls, params, state, hparams) -> dict[str, Any]:
+        return {
+            "architecture": cls.EXPORT_ARCHITECTURE,
+            "threshold": cls.to_saelens(params)["threshold"],
+        }
+
+
+@dataclass(frozen=True)
+class TwoLevelForward(Forward):
+    """`two_level`: `pre`, `h` are the base level (F latents); the concept level adds its own."""
+
+    pre_c: jax.Array  # [B, F_c] concept pre-activations
+    g: jax.Array  # [B, F_c] concept codes
+
+
+class TwoLevelSAE(ReLUSAE):
+    """`two_level` (SPEC 3.9): concept latents gate contiguous blocks of base latents.
+
+    g = topk_{k_c}(relu(pre_c)); base latent j belongs to concept j // (F / F_c) and may fire only
+    while it fires: h = topk_{k_b}(relu(pre) * parent_active); x_hat = h W_dec + g W_dec_c + b_dec.
+    Both levels centre the input on the shared b_dec. The base level keeps the SAELens names; the
+    concept level adds `W_enc_c [d, F_c]`, `W_dec_c [F_c, d]` (unit rows: the optimizer projects
+    every `W_dec*`) and `b_enc_c [F_c]`. Both use the TopK-family init (encoder = decoder
+    transpose, b_dec from data).
+
+    `encode`/`decode` use the joint code [h, g] of F + F_c entries, base latents first. Decoding is
+    linear in it, and it is the layout of the exported SAEBench custom SAE
+    (`export_to_torch.TwoLevelSAE`), so evaluation, interventions and the export index latents
+    alike. Training reads both levels from `forward` (`TwoLevelForward`).
+    """
+
+    k_b: int
+    k_c: int
+    F_c: int
+
+    HPARAMS: ClassVar[Mapping[str, Any]] = {
+        "k_b": 64,
+        "k_c": 8,
+        "F_c": lambda d_in, d_sae: d_sae // 8,
+    }
+    EXPORT_ARCHITECTURE: ClassVar[str] = "two_level"
+    B_DEC_FROM_DATA: ClassVar[bool] = True
+
+    @classmethod
+    def check_hparams(cls, hparams: Mapping[str, Any], d_in: int, d_sae: int) -> None:
+        n_concepts, k_c, k_b = hparams["F_c"], hparams["k_c"], hparams["k_b"]
+        if n_concepts < 1 or d_sae % n_concepts:
+            raise ValueError(
+                f"F_c={n_concepts} must divide d_sae={d_sae} (each concept has a contiguous block "
+                "of d_sae / F_c base latents); choose d_sae a multiple of F_c"
+            )
+        if not 1 <= k_c <= n_concepts:
+            raise ValueError(f"k_c must be in [1, F_c={n_concepts}], got {k_c}")
+        if not 1 <= k_b <= d_sae:
+            raise ValueError(f"k_b must be in [1, d_sae={d_sae}], got {k_b}")
+
+    def setup(self) -> None:
+        super().setup()
+        self.W_enc_c, self.W_dec_c = self.tied_dictionary("_c", self.F_c)
+        self.b_enc_c = self.param("b_enc_c", nn.initializers.zeros_init(), (self.F_c,))
+
+    def dictionary(self) -> tuple[jax.Array, jax.Array]:
+        return self.tied_dictionary("", self.d_sae)
+
+    def tied_dictionary(self, suffix: str, n_latents: int) -> tuple[jax.Array, jax.Array]:
+        """`W_enc{suffix}`, `W_dec{suffix}` with the TopK init: random unit rows, tied encoder."""
+        w_dec = self.param(f"W_dec{suffix}", unit_rows_normal, (n_latents, self.d_in))
+        w_enc = self.param(f"W_enc{suffix}", lambda _key, _shape: w_dec.T, (self.d_in, n_latents))
+        return w_enc, w_dec
+
+    def concept_pre_activation(self, x: jax.Array) -> jax.Array:
+        """`(x - b_dec) W_enc_c + b_enc_c`. Written plainly: b_dec's gradient through it costs one
+        [B, F_c] x [F_c, d] matmul, 1/8 of a base-level one at the default F_c."""
+        return matmul(x - self.b_dec, self.W_enc_c, self.compute_dtype) + self.b_enc_c
+
+    def activate_levels(self, pre: jax.Array, pre_c: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(h, g): concept TopK, then base TopK among the children of active concepts. Gated
+        base latents get no gradient (`where` selects a constant 0 for them)."""
+        g = topk_relu(pre_c, self.k_c)
+        blocks = pre.reshape(*pre.shape[:-1], self.F_c, self.d_sae // self.F_c)
+        gated = jnp.where(g[..., None] > 0, blocks, 0.0).reshape(pre.shape)
+        return topk_relu(gated, self.k_b), g
+
+    def decode_levels(self, h: jax.Array, g: jax.Array) -> jax.Array:
+        return (
+            matmul(h, self.W_dec, self.compute_dtype)
+            + matmul(g, self.W_dec_c, self.compute_dtype)
+            + self.b_dec
+        )
+
+    def encode(self, x: jax.Array, state: State | None = None) -> jax.Array:
+        h, g = self.activate_levels(self.pre_activation(x), self.concept_pre_activation(x))
+        return jnp.concatenate([h, g], axis=-1)
+
+    def decode(self, codes: jax.Array) -> jax.Array:
+        return self.decode_levels(codes[..., : self.d_sae], codes[..., self.d_sae :])
+
+    def forward(self, x: jax.Array) -> TwoLevelForward:
+        pre, pre_c = self.pre_activation(x), self.concept_pre_activation(x)
+        h, g = self.activate_levels(pre, pre_c)
+        return TwoLevelForward(pre=pre, h=h, x_hat=self.decode_levels(h, g), pre_c=pre_c, g=g)
+
+    @classmethod
+    def export_info(cls, params, state, hparams) -> dict[str, Any]:
+        return {
+            "architecture": cls.EXPORT_ARCHITECTURE,
+            "k_c": hparams["k_c"],
+            "k_b": hparams["k_b"],
+            "F_c": hparams["F_c"],
+        }

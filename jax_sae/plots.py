@@ -1,0 +1,246 @@
+"""Per-run PNGs (SPEC 6): training curves for every run, plus plots a variant registers.
+
+A research variant adds its own figure with::
+
+    from jax_sae.plots import RunView, register_plot
+
+    @register_plot("freq")
+    def firing_rates(run: RunView, out_dir: Path) -> None:
+        ...  # read run.params / run.state / run.eval / run.heldout(), save out_dir / "x.png"
+
+Every run gets ``training_curves.png`` (loss, reconstruction, L0, dead fraction, explained
+variance against training tokens) and ``firing_rate_hist.png`` (held-out firing rates).
+``train.py`` calls ``write_plots`` once at the end of a run; every registered function for the
+run's variant is called with the same ``RunView``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import numpy as np  # noqa: E402
+
+from jax_sae.losses import freq  # noqa: E402
+
+CURVES = {
+    "loss": ("total loss", "log"),
+    "recon": ("reconstruction", "log"),
+    "l0": ("L0", "linear"),
+    "dead_frac": ("dead fraction", "linear"),
+    "explained_variance": ("expl. variance", "linear"),
+}
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What a plot may read about a finished run (numpy arrays, no device state)."""
+
+    variant: Any  # jax_sae.variants.Variant
+    params: dict[str, np.ndarray]  # trained parameters (training space: scaled inputs)
+    state: dict[str, np.ndarray]  # final regulariser state
+    records: list[dict]  # metrics.jsonl
+    eval: dict | None  # fast-eval results incl. feature_density [F]; None without held-out data
+    heldout: Callable[[], Iterator[np.ndarray]]  # held-out raw activations in cache order
+    norm_scale: float
+    title: str  # e.g. "standard, layer 12, d_sae 16384"
+
+
+PlotFn = Callable[[RunView, Path], None]
+VARIANT_PLOTS: dict[str, list[PlotFn]] = {}
+
+
+def register_plot(*variants: str) -> Callable[[PlotFn], PlotFn]:
+    """Decorator: call ``fn(run, out_dir)`` at the end of every run of these variants."""
+
+    def register(fn: PlotFn) -> PlotFn:
+        for name in variants:
+            VARIANT_PLOTS.setdefault(name, []).append(fn)
+        return fn
+
+    return register
+
+
+def training_curves(records: list[dict], out_dir: Path, title: str = "") -> Path | None:
+    """``training_curves.png``: one panel per logged metric of ``CURVES`` against tokens."""
+    panels = []
+    for key, (label, scale) in CURVES.items():
+        points = [(r["tokens"], r[key]) for r in records if key in r and np.isfinite(r[key])]
+        if points:
+            panels.append((label, scale, np.array(points).T))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True)
+    for ax, (label, scale, (tokens, values)) in zip(np.atleast_1d(axes), panels, strict=True):
+        ax.plot(tokens, values)
+        ax.set(ylabel=label, yscale="log" if scale == "log" and (values > 0).all() else "linear")
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[-1].set_xlabel("training tokens")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = out_dir / "training_curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def firing_rate_histogram(density: np.ndarray, out_dir: Path) -> Path:
+    """log10 firing rate of each latent on held-out tokens; dead latents counted apart."""
+    alive = density[density > 0]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if len(alive):
+        ax.hist(np.log10(alive), bins=50)
+    ax.set(
+        xlabel="log10 firing rate (held-out tokens)",
+        ylabel="latents",
+        title=f"{len(density) - len(alive)} of {len(density)} latents never fire",
+    )
+    fig.tight_layout()
+    path = out_dir / "firing_rate_hist.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(run: RunView, out_dir: Path) -> list[Path]:
+    """All plots of a run into ``out_dir``; returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = training_curves(run.records, out_dir, title=run.title)
+    written = [curves] if curves else []
+    if run.eval is not None:
+        written.append(firing_rate_histogram(run.eval["feature_density"], out_dir))
+    before = set(out_dir.glob("*.png"))
+    for plot in VARIANT_PLOTS.get(run.variant.name, []):
+        plot(run, out_dir)
+    return written + sorted(set(out_dir.glob("*.png")) - before)
+
+
+# --- research variants ---------------------------------------------------------------------------
+
+
+def metric_series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, values) of one logged metric, finite values only."""
+    points = [(r["tokens"], r[key]) for r in records if key in r and np.isfinite(r[key])]
+    return tuple(np.array(points).T) if points else (np.zeros(0), np.zeros(0))
+
+
+@register_plot("freq")
+def freq_firing_rates(run: RunView, out_dir: Path) -> None:
+    """``freq_firing_rates.png``: the final EMA firing rate f that weighted the penalty, as a log10
+    histogram, and the logged decade histogram of f over training (SPEC 3.5 / 6)."""
+    rate = np.asarray(run.state[freq.STATE_KEY], np.float64)
+    fired = rate[rate > 0]
+    fig, (hist, over_time) = plt.subplots(1, 2, figsize=(12, 4))
+    if len(fired):
+        hist.hist(np.log10(fired), bins=50)
+    hist.set(
+        xlabel="log10 EMA firing rate f (end of training)",
+        ylabel="latents",
+        title=f"{len(rate) - len(fired)} of {len(rate)} latents have f = 0",
+    )
+    series = [metric_series(run.records, key) for key in freq.RATE_BINS]
+    edges = [f"1e{e}" for e in freq.RATE_DECADES]
+    between = [f"{a} to {b}" for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    labels = [f"f < {edges[0]}", *between, f"f >= {edges[-1]}"]
+    if all(len(tokens) for tokens, _ in series):
+        over_time.stackplot(series[0][0], *[values for _, values in series], labels=labels)
+        over_time.legend(loc="upper left", fontsize=7)
+    over_time.set(xlabel="training tokens", ylabel="fraction of latents", ylim=(0, 1))
+    over_time.set_title("EMA firing rate f by decade over training")
+    fig.suptitle(run.title)
+    fig.tight_layout()
+    fig.savefig(out_dir / "freq_firing_rates.png", dpi=100)
+    plt.close(fig)
+
+
+@register_plot("temporal")
+def temporal_stability(run: RunView, out_dir: Path) -> None:
+    """``temporal_stability.png``: adjacent-token stability of the training batches (mean Jaccard
+    of the two tokens' active sets, fraction of latents active on both) and the adaptive weight a
+    against training tokens (SPEC 3.8 / 6)."""
+    panels = {
+        "temporal_jaccard": "Jaccard(active_t, active_t-1)",
+        "temporal_both_active": "fraction of latents\nactive on both",
+        "adaptive_weight": "adaptive weight a",
+    }
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True)
+    for ax, (key, label) in zip(axes, panels.items(), strict=True):
+        ax.plot(*metric_series(run.records, key))
+        ax.set(ylabel=label)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("training tokens")
+    fig.suptitle(f"{run.title}: adjacent-token stability")
+    fig.tight_layout()
+    fig.savefig(out_dir / "temporal_stability.png", dpi=100)
+    plt.close(fig)
+
+
+PAIR_SAMPLE_LATENTS = 2048
+"""Decoder cosines are drawn for a fixed random sample of this many latents (F^2 is too many)."""
+PAIR_TOKENS = 8192
+"""Held-out tokens encoded for the co-firing panel."""
+PAIR_CURVES = {"hier_ortho": ("ortho", "ortho penalty"), "pair_ortho": ("pair_jaccard", "Jaccard")}
+
+
+def sampled_decoder_cosines(w_dec: np.ndarray, n: int = PAIR_SAMPLE_LATENTS) -> np.ndarray:
+    """Off-diagonal cosines d_i . d_j among a fixed random sample of latents (rows unit-norm)."""
+    rows = np.asarray(w_dec, np.float64)
+    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    if len(rows) > n:
+        rows = rows[np.sort(np.random.default_rng(0).choice(len(rows), n, replace=False))]
+    cos = rows @ rows.T
+    return cos[np.triu_indices(len(rows), 1)], rows
+
+
+def heldout_firing(run: RunView, n_tokens: int = PAIR_TOKENS) -> np.ndarray | None:
+    """[n, F] bool firing of the first held-out tokens, or None without held-out data."""
+    masks, seen = [], 0
+    for x in run.heldout():
+        h = np.asarray(run.variant.encode(run.params, np.asarray(x) * run.norm_scale))
+        masks.append(h[: n_tokens - seen] > 0)
+        seen += len(masks[-1])
+        if seen >= n_tokens:
+            break
+    return np.concatenate(masks) if masks else None
+
+
+@register_plot("hier_ortho", "pair_ortho")
+def pair_structure(run: RunView, out_dir: Path) -> None:
+    """``pair_structure.png`` (SPEC 6): histogram of decoder cosine similarities; for the most
+    frequent latents on held-out tokens, co-firing lift n_ij N / (n_i n_j) against |d_i . d_j|
+    (the pairs the regulariser targets should sit low on the cosine axis); and the variant's
+    regulariser metric over training."""
+    cos, _ = sampled_decoder_cosines(run.params["W_dec"])
+    fig, (hist, lift_ax, curve) = plt.subplots(1, 3, figsize=(16, 4))
+    hist.hist(cos, bins=100, log=True)
+    hist.set(xlabel="decoder cosine d_i . d_j", ylabel="pairs (log)")
+    hist.set_title(f"{min(len(run.params['W_dec']), PAIR_SAMPLE_LATENTS)} latents sampled")
+    fires = heldout_firing(run)
+    if fires is not None and fires.any():
+        counts = fires.sum(0)
+        top = np.argsort(-counts, kind="stable")[: min(256, int((counts > 0).sum()))]
+        m = fires[:, top].astype(np.float64)
+        pair_counts = m.T @ m
+        i, j = np.triu_indices(len(top), 1)
+        lift = pair_counts[i, j] * len(m) / (counts[top][i] * counts[top][j])
+        rows = np.asarray(run.params["W_dec"], np.float64)[top]
+        rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        together = lift > 0
+        lift_ax.scatter(lift[together], np.abs(rows @ rows.T)[i, j][together], s=3, alpha=0.4)
+        lift_ax.set_xscale("log")
+        lift_ax.set_title(f"{len(top)} most frequent latents, {len(m)} held-out tokens")
+    lift_ax.set(xlabel="co-firing lift n_ij N / (n_i n_j)", ylabel="|d_i . d_j|")
+    key, label = PAIR_CURVES[run.variant.name]
+    curve.plot(*metric_series(run.records, key))
+    curve.set(xlabel="training tokens", ylabel=label)
+    curve.grid(alpha=0.3)
+    fig.suptitle(run.title)
+    fig.tight_layout()
+    fig.savefig(out_dir / "pair_structure.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,385 @@
+"""SAE variants: the registry `VARIANTS` and `make_variant` (SPEC 3).
+
+A variant = an architecture (a Flax module in `jax_sae.models`) + a tuple of loss terms
+(`jax_sae.losses.LossTerm`, one file each in `jax_sae/losses/`) + default hyper-parameters and
+suggestions. `Variant.loss` computes, for every variant,
+
+    L = L_recon (losses/recon.py) + sum(term(ctx, state).loss for term in terms)
+
+and updates dead-latent tracking (losses/dead.py) plus each term's own slice of the state.
+
+How to add a variant (e.g. `freq`, SPEC 3.5):
+
+1. Write `jax_sae/losses/freq.py` with a `LossTerm` subclass: `HPARAMS` (name -> default),
+   `init_state` (its state entries, e.g. `{"firing_rate": zeros [F]}`), and `__call__(ctx, state)`
+   returning `TermOutput(loss_added, new_state_entries, metrics)`. `ctx` holds the params, the
+   batch, `fwd.pre/h/x_hat`, the reconstruction loss, the fired and dead masks, the step and all
+   hyper-parameters (`losses.LossContext`). Keep it pure: no Python `if` on traced values.
+2. Register it below:
+       "freq": VariantSpec(ReLUSAE, (FrequencyWeightedL1(),), default_layer=19,
+                           description="..."),
+   `defaults` overrides any default of the architecture or terms for this variant (e.g. `k`),
+   `default_d_sae`/`default_layer` are the suggestions train.py uses when the user gives none,
+   `batch_keys` lists what the loader must provide (temporal: `("x", "x_prev", "seq_start")`).
+3. Test the term against a float64 NumPy implementation of the SPEC formula (tests/).
+
+A variant with a new architecture (e.g. `two_level`) adds a module subclassing
+`models.ReLUSAE`; extra parameters named `W_dec*` automatically get unit-norm rows from the
+optimizer, extra forward outputs go in a subclass of `models.Forward`.
+"""
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_sae.init import geometric_median
+from jax_sae.losses import LossContext, LossTerm, recon
+from jax_sae.losses import dead as dead_tracking
+from jax_sae.losses.auxk import AuxK
+from jax_sae.losses.batchtopk_threshold import BatchTopKThreshold
+from jax_sae.losses.freq import FrequencyWeightedL1
+from jax_sae.losses.hier_ortho import HierarchicalOrthogonality
+from jax_sae.losses.jumprelu_sparsity import JumpReLUSparsity
+from jax_sae.losses.l1 import L1Penalty
+from jax_sae.losses.pair_ortho import PairOrthogonality
+from jax_sae.losses.temporal import TemporalConsistency
+from jax_sae.losses.two_level import ConceptAuxK
+from jax_sae.models import (
+    BatchTopKSAE,
+    JumpReLUSAE,
+    Params,
+    ReLUSAE,
+    State,
+    TopKSAE,
+    TwoLevelSAE,
+)
+
+
+class VariantError(ValueError):
+    """Unknown variant, unknown or invalid hyper-parameter, or malformed parameters."""
+
+
+def gao_lr(d_in: int, d_sae: int) -> float:
+    """Learning rate scaling of Gao et al. (2024): 2e-4 / sqrt(F / 2^14)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+TRAINING_HPARAMS: Mapping[str, Any] = MappingProxyType({"lr": 3e-4, "warmup_steps": 1000})
+"""Per-variant training defaults; train.py passes them to `optim.make_optimizer`."""
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """Registry entry: how to build one variant."""
+
+    architecture: type[ReLUSAE]
+    terms: tuple[LossTerm, ...]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    """Overrides of architecture/term/training defaults; a callable gets (d_in, d_sae)."""
+    default_d_sae: int | None = None
+    """Suggested dictionary size when the user gives none; None means d_in (= d_model)."""
+    default_layer: int = 12
+    batch_keys: tuple[str, ...] = ("x",)
+    description: str = ""
+
+    def hparam_sources(self) -> tuple[Any, ...]:
+        """Everything that declares hyper-parameters (`HPARAMS`, optional CHOICES/NULLABLE)."""
+        return (recon, dead_tracking, self.architecture, *self.terms)
+
+    def suggested_d_sae(self, d_in: int) -> int:
+        return d_in if self.default_d_sae is None else self.default_d_sae
+
+
+VARIANTS: dict[str, VariantSpec] = {
+    "standard": VariantSpec(
+        ReLUSAE,
+        (L1Penalty(),),
+        default_layer=19,
+        description="ReLU SAE + L1 penalty (reference template)",
+    ),
+    "topk": VariantSpec(
+        TopKSAE,
+        (AuxK(),),
+        defaults={"lr": gao_lr},
+        default_d_sae=65536,
+        description="TopK SAE + AuxK (Gao et al. 2024)",
+    ),
+    "batchtopk": VariantSpec(
+        BatchTopKSAE,
+        (AuxK(), BatchTopKThreshold()),
+        defaults={"lr": gao_lr},
+        default_d_sae=65536,
+        description="BatchTopK SAE + AuxK, exported as JumpReLU (Bussmann et al. 2024)",
+    ),
+    "jumprelu": VariantSpec(
+        JumpReLUSAE,
+        (JumpReLUSparsity(),),
+        default_d_sae=65536,
+        description="JumpReLU SAE + L0 penalty (Rajamanoharan et al. 2024)",
+    ),
+    "freq": VariantSpec(
+        ReLUSAE,
+        (FrequencyWeightedL1(),),
+        default_layer=19,
+        description="ReLU SAE + L1 weighted by each latent's EMA firing rate (SPEC 3.5)",
+    ),
+    "temporal": VariantSpec(
+        ReLUSAE,
+        (L1Penalty("lambda_1"), TemporalConsistency()),
+        default_layer=19,
+        batch_keys=("x", "x_prev", "seq_start"),
+        description="ReLU SAE + L1 + adaptive consistency with the previous token (SPEC 3.8)",
+    ),
+    "hier_ortho": VariantSpec(
+        TopKSAE,
+        (AuxK(), HierarchicalOrthogonality()),
+        defaults={"lr": gao_lr, "k": 120},
+        default_d_sae=18432,
+        description="TopK + AuxK + co-firing-weighted decoder orthogonality (SPEC 3.6)",
+    ),
+    "pair_ortho": VariantSpec(
+        ReLUSAE,
+        (L1Penalty(), PairOrthogonality()),
+        default_layer=19,
+        description="ReLU SAE + L1 + orthogonality of the top co-activating pairs (SPEC 3.7)",
+    ),
+    "two_level": VariantSpec(
+        TwoLevelSAE,
+        (AuxK(), ConceptAuxK()),
+        defaults={"lr": gao_lr},
+        default_d_sae=65536,
+        description="concept TopK gating base TopK latents, AuxK on both levels (SPEC 3.9)",
+    ),
+}
+
+
+def _coerce(variant: str, name: str, value: Any, default: Any, nullable: bool) -> Any:
+    """Give `value` the type of `default`: ints are accepted for floats and integral floats for
+    ints (values from a CLI or JSON); anything else is a VariantError."""
+    if value is None:
+        if nullable or default is None:
+            return None
+        raise VariantError(f"{variant}: hyper-parameter {name} cannot be None")
+    if default is None or type(value) is type(default):
+        return value
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if type(default) is float and numeric:
+        return float(value)
+    if type(default) is int and numeric and float(value).is_integer():
+        return int(value)
+    raise VariantError(
+        f"{variant}: hyper-parameter {name} must be {type(default).__name__}, got {value!r}"
+    )
+
+
+def resolve_hparams(
+    name: str, spec: VariantSpec, d_in: int, d_sae: int, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Defaults of every source, then the variant's defaults, then `overrides`, validated."""
+    defaults: dict[str, Any] = dict(TRAINING_HPARAMS)
+    choices: dict[str, tuple[str, ...]] = {}
+    nullable: set[str] = set()
+    for source in spec.hparam_sources():
+        defaults.update(getattr(source, "HPARAMS", {}))
+        choices.update(getattr(source, "CHOICES", {}))
+        nullable.update(getattr(source, "NULLABLE", ()))
+    defaults.update(spec.defaults)
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise VariantError(
+            f"unknown hyper-parameter {unknown[0]!r} for variant {name!r}; "
+            f"valid: {', '.join(sorted(defaults))}"
+        )
+    hparams = {}
+    for key, default in defaults.items():
+        default = default(d_in, d_sae) if callable(default) else default
+        if key in overrides:
+            value = _coerce(name, key, overrides[key], default, key in nullable)
+        else:
+            value = default
+        if key in choices and value not in choices[key]:
+            raise VariantError(
+                f"{name}: hyper-parameter {key}={value!r} is not one of {', '.join(choices[key])}"
+            )
+        hparams[key] = value
+    try:
+        for source in spec.hparam_sources():
+            if hasattr(source, "check_hparams"):
+                source.check_hparams(hparams, d_in, d_sae)
+    except ValueError as error:
+        raise VariantError(f"{name}: {error}") from None
+    return hparams
+
+
+def make_variant(name: str, d_in: int, d_sae: int, **hparams: Any) -> "Variant":
+    """Build variant `name` for inputs of size d_in with d_sae latents; `hparams` override defaults.
+
+    Unknown variant or hyper-parameter -> VariantError (a ValueError) naming it and the valid ones.
+    """
+    if name not in VARIANTS:
+        raise VariantError(f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    for size_name, size in (("d_in", d_in), ("d_sae", d_sae)):
+        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+            raise VariantError(f"{size_name} must be a positive integer, got {size!r}")
+    spec = VARIANTS[name]
+    resolved = resolve_hparams(name, spec, int(d_in), int(d_sae), hparams)
+    return Variant(name, int(d_in), int(d_sae), MappingProxyType(resolved), spec)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configured SAE variant: pure functions over (params, state); holds no arrays."""
+
+    name: str
+    d_in: int
+    d_sae: int
+    hparams: Mapping[str, Any]
+    """Resolved hyper-parameters, read-only; `dict(v.hparams)` is JSON-able."""
+    spec: VariantSpec
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return self.spec.batch_keys
+
+    def model(self, compute_dtype: Any = jnp.float32) -> ReLUSAE:
+        """The Flax module of this variant's architecture."""
+        return self.spec.architecture.from_hparams(
+            self.d_in, self.d_sae, self.hparams, compute_dtype
+        )
+
+    # --- parameters -------------------------------------------------------------------------
+
+    def init_params(self, key: jax.Array, data_sample: np.ndarray | None = None) -> Params:
+        """Initial parameters (SPEC 3 "Init"). For the TopK family `b_dec` is the geometric median
+        of `data_sample` [n, d_in]; without a sample it stays zero. Other variants ignore it."""
+        model = self.model()
+        params = dict(model.init(key, jnp.zeros((1, self.d_in), jnp.float32))["params"])
+        if model.B_DEC_FROM_DATA and data_sample is not None:
+            sample = np.asarray(data_sample)
+            if sample.ndim != 2 or sample.shape[1] != self.d_in or sample.shape[0] == 0:
+                raise VariantError(
+                    f"data_sample must be [n, d_in={self.d_in}] with n > 0, got {sample.shape}"
+                )
+            params["b_dec"] = jnp.asarray(geometric_median(sample))
+        return params
+
+    def params_to_arrays(self, params: Params) -> dict[str, np.ndarray]:
+        """Float32 numpy arrays under SAELens names and shapes (JumpReLU: `threshold`)."""
+        return self.spec.architecture.to_saelens(jax.device_get(params))
+
+    def params_from_arrays(self, arrays: Mapping[str, Any]) -> Params:
+        """Inverse of `params_to_arrays`; checks names and shapes."""
+        expected = self.params_to_arrays(self._placeholder_params())
+        missing = sorted(set(expected) - set(arrays))
+        extra = sorted(set(arrays) - set(expected))
+        if missing or extra:
+            raise VariantError(
+                f"{self.name} parameters: missing {missing or 'none'}, unexpected {extra or 'none'}"
+            )
+        for key, reference in expected.items():
+            if np.shape(arrays[key]) != reference.shape:
+                raise VariantError(
+                    f"{self.name} parameter {key} has shape {np.shape(arrays[key])}, "
+                    f"expected {reference.shape} (d_in={self.d_in}, d_sae={self.d_sae})"
+                )
+        params = self.spec.architecture.from_saelens(arrays)
+        return {key: jnp.asarray(value, jnp.float32) for key, value in params.items()}
+
+    def _placeholder_params(self) -> dict[str, np.ndarray]:
+        """Arrays of the right names and shapes (ones: valid for every conversion)."""
+        shapes = jax.eval_shape(self.init_params, jax.random.key(0))
+        return {key: np.ones(s.shape, np.float32) for key, s in shapes.items()}
+
+    def export_info(self, params: Params, state: State) -> dict[str, Any]:
+        """What the exporter needs besides the weights: SAELens `architecture`, `k`, `threshold`."""
+        return self.spec.architecture.export_info(
+            jax.device_get(params), jax.device_get(state), self.hparams
+        )
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def encode(
+        self,
+        params: Params,
+        x: jax.Array,
+        state: State | None = None,
+        *,
+        compute_dtype: Any = jnp.float32,
+    ) -> jax.Array:
+        """Inference-time latent codes. Only `batchtopk` reads `state` (its threshold; without a
+        state it applies the training rule, batch top-k, to the given x)."""
+        model = self.model(compute_dtype)
+        return model.apply({"params": params}, x, state, method=model.encode)
+
+    def decode(self, params: Params, h: jax.Array, *, compute_dtype: Any = jnp.float32):
+        model = self.model(compute_dtype)
+        return model.apply({"params": params}, h, method=model.decode)
+
+    # --- training -----------------------------------------------------------------------------
+
+    def init_state(self) -> State:
+        """Regulariser state: dead-latent counts plus each term's entries."""
+        state = dead_tracking.init_state(self.d_sae)
+        for term in self.spec.terms:
+            entries = term.init_state(self.d_in, self.d_sae, self.hparams)
+            clash = set(entries) & set(state)
+            if clash:
+                raise VariantError(f"{self.name}: state entries {sorted(clash)} defined twice")
+            state.update(entries)
+        return state
+
+    def loss(
+        self,
+        params: Params,
+        state: State,
+        batch: Mapping[str, jax.Array],
+        step: jax.Array,
+        *,
+        compute_dtype: Any = jnp.float32,
+    ) -> tuple[jax.Array, tuple[State, dict[str, jax.Array]]]:
+        """Total loss and (new state, metrics); pure and jit-able. Differentiate w.r.t. params.
+
+        Metrics (float32 scalars): `loss`, `recon`, `l0` (mean active latents per token),
+        `dead_frac`, `explained_variance`, plus each term's own (e.g. `l1`, `aux`).
+        """
+        hp = self.hparams
+        model = self.model(compute_dtype)
+        x = batch["x"].astype(jnp.float32)
+        fwd = model.apply({"params": params}, x, method=model.forward)
+        recon_loss = recon.reconstruction_loss(x, fwd.x_hat, hp["recon"])
+        counts, fired = dead_tracking.update(state[dead_tracking.STATE_KEY], fwd.h)
+        dead = dead_tracking.dead_mask(counts, hp["dead_tokens"])
+        ctx = LossContext(
+            params=params,
+            batch=batch,
+            x=x,
+            fwd=fwd,
+            recon=recon_loss,
+            fired=fired,
+            dead=dead,
+            step=jnp.asarray(step, jnp.int32),
+            hparams=hp,
+            model=model,
+        )
+        total = recon_loss
+        new_state = {**state, dead_tracking.STATE_KEY: counts}
+        codes = jax.lax.stop_gradient(fwd.h)
+        metrics = {
+            "recon": recon_loss,
+            "l0": jnp.mean(jnp.sum(codes > 0, axis=-1, dtype=jnp.float32)),
+            "dead_frac": jnp.mean(dead, dtype=jnp.float32),
+            "explained_variance": recon.explained_variance(x, jax.lax.stop_gradient(fwd.x_hat)),
+        }
+        for term in self.spec.terms:
+            out = term(ctx, state)
+            total = total + out.loss
+            new_state.update(out.state)
+            metrics.update(out.metrics)
+        metrics["loss"] = total
+        return total, (new_state, metrics)

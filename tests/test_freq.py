@@ -1,0 +1,197 @@
+"""`freq` (SPEC 3.5): frequency-weighted L1, checked against float64 NumPy written from the SPEC."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_sae.losses.freq import RATE_BINS
+from jax_sae.optim import make_optimizer
+from jax_sae.train_step import make_train_step
+from jax_sae.variants import VARIANTS, VariantError, make_variant
+
+D, F, B = 16, 64, 48
+
+
+def random_params(seed: int) -> dict[str, np.ndarray]:
+    """Non-zero everything; some latents biased off so that firing rates differ widely."""
+    rng = np.random.default_rng(seed)
+    w_dec = rng.normal(size=(F, D))
+    return {
+        "W_enc": rng.normal(size=(D, F)) / np.sqrt(D),
+        "W_dec": w_dec / np.linalg.norm(w_dec, axis=1, keepdims=True),
+        "b_enc": rng.normal(size=F) * 0.5 - np.linspace(0, 2, F),
+        "b_dec": rng.normal(size=D) * 0.1,
+    }
+
+
+def to_jax(params: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+
+
+def np_reference(p, x, rate, *, lam, alpha, decay, freq_norm):
+    """SPEC 3.5 in float64: f updated first, then L = L_recon + lam mean_b sum_i (1+a w_i)|h_i|."""
+    pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    h = np.maximum(pre, 0.0)
+    x_hat = h @ p["W_dec"] + p["b_dec"]
+    recon = np.mean(np.sum((x - x_hat) ** 2, axis=1))
+    rate = decay * rate + (1 - decay) * np.mean(h > 0, axis=0)
+    if freq_norm == "mean":
+        w = rate / rate.mean() if rate.mean() > 0 else np.zeros_like(rate)
+    else:
+        w = rate
+    weights = 1 + alpha * w
+    freq_l1 = np.mean(np.sum(weights * np.abs(h), axis=1))
+    return {
+        "pre": pre,
+        "h": h,
+        "x_hat": x_hat,
+        "rate": rate,
+        "weights": weights,
+        "recon": recon,
+        "freq_l1": freq_l1,
+        "l1": np.mean(np.sum(np.abs(h), axis=1)),
+        "loss": recon + lam * freq_l1,
+    }
+
+
+def np_gradients(p, x, ref, lam) -> dict[str, np.ndarray]:
+    """Analytic gradient of the total loss with the firing rate held constant."""
+    n = x.shape[0]
+    g_xhat = -2.0 / n * (x - ref["x_hat"])
+    g_h = g_xhat @ p["W_dec"].T + lam / n * ref["weights"] * np.sign(ref["h"])
+    g_pre = g_h * (ref["pre"] > 0)
+    return {
+        "W_enc": (x - p["b_dec"]).T @ g_pre,
+        "b_enc": g_pre.sum(axis=0),
+        "W_dec": ref["h"].T @ g_xhat,
+        "b_dec": g_xhat.sum(axis=0) - p["W_enc"] @ g_pre.sum(axis=0),
+    }
+
+
+def assert_close(actual, expected, rtol=2e-5, what=""):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    atol = rtol * max(np.max(np.abs(expected)), 1e-6)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+
+
+def test_defaults_are_the_reference_ones_and_overridable():
+    v = make_variant("freq", d_in=2304, d_sae=VARIANTS["freq"].suggested_d_sae(2304))
+    assert v.d_sae == 2304 and VARIANTS["freq"].default_layer == 19
+    assert {k: v.hparams[k] for k in ("lambda", "alpha", "rate_decay", "freq_norm", "lr")} == {
+        "lambda": 0.04,
+        "alpha": 0.5,
+        "rate_decay": 0.99,
+        "freq_norm": "none",
+        "lr": 3e-4,
+    }
+    assert v.init_state()["firing_rate"].shape == (2304,)
+    assert not np.any(v.init_state()["firing_rate"])
+    v = make_variant("freq", D, F, alpha=0.1, freq_norm="mean", rate_decay=0.9)
+    assert (v.hparams["alpha"], v.hparams["freq_norm"], v.hparams["rate_decay"]) == (
+        0.1,
+        "mean",
+        0.9,
+    )
+    with pytest.raises(VariantError, match="freq_norm"):
+        make_variant("freq", D, F, freq_norm="max")
+    with pytest.raises(VariantError, match="rate_decay"):
+        make_variant("freq", D, F, rate_decay=1.0)
+
+
+@pytest.mark.parametrize("freq_norm", ["none", "mean"])
+def test_loss_terms_and_firing_rate_state_over_steps(freq_norm):
+    hp = {"lam": 0.07, "alpha": 0.8, "decay": 0.9}
+    v = make_variant(
+        "freq", D, F, **{"lambda": 0.07}, alpha=0.8, rate_decay=0.9, freq_norm=freq_norm
+    )
+    p = random_params(0)
+    loss_fn = jax.jit(v.loss)
+    rng = np.random.default_rng(1)
+    state, rate = v.init_state(), np.zeros(F)
+    for step in range(4):
+        x = rng.normal(size=(B, D)) * (1 + step)
+        ref = np_reference(p, x, rate, freq_norm=freq_norm, **hp)
+        loss, (state, metrics) = loss_fn(to_jax(p), state, {"x": jnp.asarray(x, jnp.float32)}, step)
+        rate = ref["rate"]
+        assert_close(state["firing_rate"], rate, what=f"firing rate after step {step}")
+        assert_close(loss, ref["loss"], what="loss")
+        for key in ("recon", "freq_l1", "l1"):
+            assert_close(metrics[key], ref[key], what=key)
+        assert_close(metrics["firing_rate_mean"], rate.mean(), what="mean rate")
+        assert_close(metrics["firing_rate_max"], rate.max(), what="max rate")
+        counts = np.bincount(np.digitize(rate, 10.0 ** np.arange(-5, 0)), minlength=6)
+        for key, expected in zip(RATE_BINS, counts / F, strict=True):
+            assert_close(metrics[key], expected, what=key)
+    # the weights really varied across latents: the test would see a mean/sum mix-up
+    assert 0 < rate.min() < rate.max() < 1 and np.ptp(ref["weights"]) > 0.1
+    assert float(metrics["freq_l1"]) > float(metrics["l1"])
+
+
+def test_penalty_is_a_sum_over_latents_not_a_mean():
+    """The reference bug: averaging over latents made the penalty ~F times too weak."""
+    v = make_variant("freq", D, F, alpha=0.0)
+    p = random_params(2)
+    x = np.random.default_rng(3).normal(size=(B, D))
+    batch = {"x": jnp.asarray(x, jnp.float32)}
+    _, (_, metrics) = jax.jit(v.loss)(to_jax(p), v.init_state(), batch, 0)
+    h = np.maximum((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"], 0)
+    assert_close(metrics["loss"] - metrics["recon"], 0.04 * h.sum(axis=1).mean())
+
+
+@pytest.mark.parametrize("freq_norm", ["none", "mean"])
+def test_gradient_holds_the_firing_rate_constant(freq_norm):
+    v = make_variant("freq", D, F, alpha=2.0, rate_decay=0.5, freq_norm=freq_norm)
+    p = random_params(4)
+    rng = np.random.default_rng(5)
+    rate = rng.uniform(0, 0.3, size=F)
+    state = {**v.init_state(), "firing_rate": jnp.asarray(rate, jnp.float32)}
+    x = rng.normal(size=(B, D))
+    grads, _ = jax.jit(jax.grad(v.loss, has_aux=True))(
+        to_jax(p), state, {"x": jnp.asarray(x, jnp.float32)}, 0
+    )
+    ref = np_reference(p, x, rate, lam=0.04, alpha=2.0, decay=0.5, freq_norm=freq_norm)
+    for name, expected in np_gradients(p, x, ref, 0.04).items():
+        assert_close(grads[name], expected, rtol=5e-5, what=f"d loss / d {name}")
+
+
+def test_nothing_firing_keeps_everything_finite():
+    """freq_norm=mean with every f = 0: normalised rates are 0 (plain L1), no 0/0."""
+    v = make_variant("freq", D, F, freq_norm="mean")
+    p = {**random_params(6), "b_enc": np.full(F, -100.0)}
+    x = np.random.default_rng(7).normal(size=(B, D))
+    grad_fn = jax.jit(jax.grad(v.loss, has_aux=True))
+    grads, (state, metrics) = grad_fn(to_jax(p), v.init_state(), {"x": jnp.asarray(x)}, 0)
+    assert not np.any(state["firing_rate"]) and float(metrics["l0"]) == 0
+    assert all(np.isfinite(np.asarray(m)).all() for m in metrics.values())
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads.values())
+
+
+def sparse_data(n: int, seed: int) -> np.ndarray:
+    """Tokens = sparse non-negative combinations of 48 random unit directions plus an offset."""
+    rng = np.random.default_rng(seed)
+    atoms = rng.normal(size=(48, D))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    codes = rng.exponential(size=(n, 48)) * (rng.random((n, 48)) < 0.06)
+    return (codes @ atoms + 0.3).astype(np.float32)
+
+
+def test_trains_through_the_real_train_step():
+    v = make_variant("freq", D, F, lr=3e-3, warmup_steps=10)
+    data = sparse_data(256 * 61, seed=8)
+    held_out = {"x": jnp.asarray(data[-256:])}
+    params = v.init_params(jax.random.key(0))
+    opt = make_optimizer(lr=v.hparams["lr"], warmup_steps=v.hparams["warmup_steps"])
+    step_fn = make_train_step(v, opt)
+    loss_fn = jax.jit(v.loss)
+    before, _ = loss_fn(params, v.init_state(), held_out, 0)
+    opt_state, state = opt.init(params), v.init_state()
+    for step in range(60):
+        batch = {"x": jnp.asarray(data[step * 256 : (step + 1) * 256])}
+        params, opt_state, state, metrics = step_fn(
+            params, opt_state, state, batch, jnp.int32(step)
+        )
+    after, _ = loss_fn(params, v.init_state(), held_out, 0)
+    assert float(after) < 0.5 * float(before)
+    assert 0 < float(metrics["firing_rate_mean"]) < 1
+    np.testing.assert_allclose(np.linalg.norm(params["W_dec"], axis=1), 1.0, atol=1e-5)

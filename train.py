@@ -1,0 +1,424 @@
+"""Train one SAE on one layer of an activation cache (SPEC 4).
+
+    python train.py --cache DIR --layer L --variant NAME [--set key=value ...]
+                    [--steps N | --tokens N] [--batch-size 2048] [--out runs/NAME] [--resume]
+
+Writes ``runs/<variant>_L<layer>/`` (see ``jax_sae.runs``): config.json, metrics.jsonl,
+checkpoints/, and at the end sae_params.safetensors, final_info.json (with the fast evaluation
+on held-out cached tokens) and plots/. A killed run continues bit for bit with ``--resume``.
+Bad input prints one ``error: ...`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from jax_sae import plots, runs
+from jax_sae.checkpoint import CheckpointError, Checkpoints
+from jax_sae.data import ActivationCache, CacheError, hook_name
+from jax_sae.evaluate import EVAL_BATCH, evaluate
+from jax_sae.loader import (
+    DEFAULT_BUFFER_CHUNKS,
+    DEFAULT_CHUNK_TOKENS,
+    Loader,
+    LoaderError,
+    norm_scale,
+)
+from jax_sae.optim import make_optimizer
+from jax_sae.train_step import make_train_step
+from jax_sae.variants import VARIANTS, VariantError, make_variant
+
+DEFAULT_EVAL_TOKENS = 65536
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SPARSITY_KEYS = ("lambda", "lambda_1", "sparsity_penalty", "k")
+"""Hyper-parameter reported as the template's ``sparsity_penalty`` (first one the variant has)."""
+
+
+class UsageError(ValueError):
+    """Bad command line or run folder; the message names the fix."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss); the last good checkpoint is kept."""
+
+
+ONE_LINE_ERRORS = (
+    CacheError,
+    LoaderError,
+    VariantError,
+    UsageError,
+    CheckpointError,
+    TrainingError,
+)
+"""Bad input or a stopped run: reported as one ``error:`` line, exit status 2."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--cache", required=True, help="activation cache folder (make extract)")
+    p.add_argument("--layer", type=int, required=True, help="layer of the cache to train on")
+    p.add_argument("--variant", required=True, help=f"one of: {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a hyper-parameter (value parsed as JSON, else a string); d_sae too",
+    )
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="training steps")
+    length.add_argument("--tokens", type=int, help="training tokens (default: one epoch)")
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--out", help="run folder (default runs/<variant>_L<layer>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compute-dtype", choices=list(COMPUTE_DTYPES), default="float32")
+    p.add_argument("--normalize", action="store_true", help="scale inputs to E||x||^2 = d_in")
+    p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        help=f"held-out tail of the cache (default: {DEFAULT_EVAL_TOKENS} or a tenth of the cache)",
+    )
+    p.add_argument("--dead-tokens", type=int, help="same as --set dead_tokens=N")
+    return p.parse_args(argv)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are JSON when they parse (numbers, booleans), else strings."""
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set {item!r} is not KEY=VALUE (e.g. --set lambda=0.04)")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    return overrides
+
+
+def cache_field(cache: ActivationCache, *names: str) -> Any:
+    """First of ``names`` in the manifest's top level, metadata or settings (None if absent)."""
+    manifest = cache.manifest
+    for section in (manifest, manifest.get("metadata") or {}, manifest.get("settings") or {}):
+        for name in names:
+            if section.get(name) is not None:
+                return section[name]
+    return None
+
+
+def build_config(args: argparse.Namespace) -> tuple[dict, Any, Loader]:
+    """Resolve every setting of the run; raises one-line errors for bad input."""
+    for flag in ("batch_size", "checkpoint_every", "log_every", "steps", "tokens", "dead_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+    cache = ActivationCache(args.cache)
+    overrides = parse_overrides(args.set)
+    if args.dead_tokens is not None:
+        overrides["dead_tokens"] = args.dead_tokens
+    d_in = cache.d_model
+    d_sae = overrides.pop("d_sae", None)
+    if d_sae is None:
+        d_sae = VARIANTS[args.variant].suggested_d_sae(d_in) if args.variant in VARIANTS else d_in
+    variant = make_variant(args.variant, d_in, d_sae, **overrides)
+    scale = norm_scale(cache, args.layer) if args.normalize else 1.0
+    eval_tokens = args.eval_tokens
+    if eval_tokens is None:
+        eval_tokens = min(DEFAULT_EVAL_TOKENS, cache.n_tokens // 10)
+    loader = Loader(
+        cache,
+        args.layer,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        eval_tokens=eval_tokens,
+        batch_keys=variant.batch_keys,
+        scale=scale,
+    )
+    tokens = args.tokens or (args.steps or 0) * args.batch_size or loader.n_train
+    steps = args.steps or math.ceil(tokens / args.batch_size)
+    config = {
+        "variant": variant.name,
+        "hparams": dict(variant.hparams),
+        "d_in": d_in,
+        "d_sae": variant.d_sae,
+        "layer": args.layer,
+        "cache": runs.portable_path(cache.path),
+        "cache_manifest_sha256": runs.manifest_sha256(cache),
+        "model_name": cache_field(cache, "model_name", "model"),
+        "hook_name": hook_name(args.layer),
+        "ctx_len": cache_field(cache, "ctx_len", "context_size"),
+        "dataset": cache_field(cache, "dataset", "dataset_name"),
+        "prepend_bos": cache_field(cache, "prepend_bos"),
+        "batch_size": args.batch_size,
+        "steps": steps,
+        "tokens": steps * args.batch_size,
+        "epochs": steps * args.batch_size / loader.n_train,
+        "train_tokens_in_cache": loader.n_train,
+        "seed": args.seed,
+        "compute_dtype": args.compute_dtype,
+        "normalize": args.normalize,
+        "norm_scale": scale,
+        "eval_tokens": eval_tokens,
+        "heldout_tokens": cache.n_tokens - loader.train_end,
+        "loader": {"chunk_tokens": DEFAULT_CHUNK_TOKENS, "buffer_chunks": DEFAULT_BUFFER_CHUNKS},
+        "checkpoint_every": args.checkpoint_every,
+        "log_every": args.log_every,
+        "versions": runs.library_versions(),
+    }
+    config["config_hash"] = runs.config_hash(config)
+    return config, variant, loader
+
+
+def prepare_run_dir(out: Path, config: dict, resume: bool) -> None:
+    """Create the run folder, or check that ``--resume`` continues the same experiment."""
+    config_file = out / runs.CONFIG
+    if not resume and (config_file.exists() or (out / "checkpoints").exists()):
+        raise UsageError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    if config_file.exists():
+        old = runs.read_json(config_file)
+        if old.get("config_hash") != config["config_hash"]:
+            keys = ", ".join(runs.differing_keys(old, config)) or "config hash"
+            raise UsageError(
+                f"cannot resume {out}: its config differs in {keys}; rerun with the original "
+                "flags or choose another --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    runs.write_json(config_file, config)
+
+
+@jax.jit
+def _accumulate(sums: dict, metrics: dict, step: jax.Array, first_bad: jax.Array):
+    """Add one step's metrics to the interval sums and remember the first step whose loss is not
+    finite, on the device: no host sync per step."""
+    bad = (first_bad < 0) & ~jnp.isfinite(metrics["loss"])
+    return jax.tree.map(jnp.add, sums, metrics), jnp.where(bad, step, first_bad)
+
+
+class MetricsWindow:
+    """Metrics of the steps since the last log line, and the first non-finite-loss step."""
+
+    def __init__(self, batch_size: int, start: int) -> None:
+        self.batch_size = batch_size
+        self.first_bad = jnp.int32(-1)
+        self.sums: dict | None = None
+        self.count = 0
+        self.since = (start, time.perf_counter())
+
+    def add(self, metrics: dict, step: int) -> None:
+        if self.sums is None:  # host zeros: no extra compile
+            self.sums = {key: np.zeros((), np.float32) for key in metrics}
+        self.sums, self.first_bad = _accumulate(self.sums, metrics, jnp.int32(step), self.first_bad)
+        self.count += 1
+
+    def bad_step(self) -> int | None:
+        """1-based step of the first non-finite loss so far (waits for the device)."""
+        bad = int(self.first_bad)
+        return bad + 1 if bad >= 0 else None
+
+    def flush(self, done: int) -> tuple[dict, float]:
+        """The interval's mean metrics as a metrics.jsonl record, and its tokens/s."""
+        means = {k: float(v) / self.count for k, v in jax.device_get(self.sums).items()}
+        (step0, time0), now = self.since, time.perf_counter()
+        tokens_per_s = (done - step0) * self.batch_size / max(now - time0, 1e-9)
+        self.sums, self.count, self.since = None, 0, (done, now)
+        return {"step": done, "tokens": done * self.batch_size, **means}, tokens_per_s
+
+
+def host_copy(tree: Any) -> Any:
+    """Owned numpy copies: the step donates its inputs, so a background checkpoint write must
+    not read device buffers that the next step reuses."""
+    return jax.tree.map(np.array, tree)
+
+
+def initial_state(config: dict, variant: Any, opt: Any, loader: Loader) -> dict:
+    """Fresh training state; also the structure a checkpoint is restored into."""
+    init_key, rng = jax.random.split(jax.random.PRNGKey(config["seed"]))
+    params = variant.init_params(init_key, data_sample=loader.sample(config["batch_size"]))
+    return {
+        "params": params,
+        "opt_state": opt.init(params),
+        "reg_state": variant.init_state(),
+        "rng": rng,
+    }
+
+
+def train(config: dict, variant: Any, loader: Loader, out: Path, resume: bool) -> tuple:
+    """The training loop; returns the final (params, reg_state, last logged record)."""
+    steps, batch_size = config["steps"], config["batch_size"]
+    hp = variant.hparams
+    opt = make_optimizer(lr=hp["lr"], warmup_steps=hp["warmup_steps"], total_steps=steps)
+    step_fn = make_train_step(variant, opt, COMPUTE_DTYPES[config["compute_dtype"]])
+    state = initial_state(config, variant, opt, loader)
+    metrics_log = runs.MetricsLog(out / runs.METRICS)
+    start, record = 0, None
+    with Checkpoints(out / "checkpoints") as checkpoints:
+        latest = checkpoints.latest_step() if resume else None
+        if latest is not None:
+            state, _ = checkpoints.restore(latest, state, config["config_hash"])
+            start = latest
+            print(f"resuming {out} at step {start} of {steps}", file=sys.stderr)
+        metrics_log.truncate_after(start)
+        if config["epochs"] > 1:
+            print(
+                f"{config['tokens']} training tokens from {loader.n_train} in the cache: "
+                f"{config['epochs']:.2f} epochs",
+                file=sys.stderr,
+            )
+        window = MetricsWindow(batch_size, start)
+
+        def stop_if_not_finite() -> None:
+            bad = window.bad_step()
+            if bad is not None:
+                raise TrainingError(
+                    f"loss is not finite at step {bad}; stopped without saving, the last good "
+                    f"checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory} "
+                    "(check the cache for NaN rows or lower the learning rate)"
+                )
+
+        def save(done: int) -> None:
+            stop_if_not_finite()
+            record = {"step": done, "config_hash": config["config_hash"], "loader_step": done}
+            checkpoints.save(done, host_copy(state), record)
+
+        bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
+        with bar, loader.batches(start, steps) as batches:
+            done, in_flight = start, None
+            try:
+                for step in range(start, steps):
+                    params, opt_state, reg_state, metrics = step_fn(
+                        state["params"],
+                        state["opt_state"],
+                        state["reg_state"],
+                        next(batches),
+                        jnp.int32(step),
+                    )
+                    state |= {"params": params, "opt_state": opt_state, "reg_state": reg_state}
+                    done = step + 1
+                    window.add(metrics, step)
+                    if in_flight is not None:
+                        in_flight.block_until_ready()  # at most two steps queued on the device
+                    in_flight = metrics["loss"]
+                    bar.update(1)
+                    if done % config["log_every"] == 0 or done == steps:
+                        stop_if_not_finite()
+                        record, tokens_per_s = window.flush(done)
+                        metrics_log.append(record)
+                        bar.set_postfix(
+                            loss=f"{record['loss']:.4g}",
+                            L0=f"{record['l0']:.1f}",
+                            dead=f"{record['dead_frac']:.3f}",
+                            tok_s=f"{tokens_per_s:.3g}",
+                        )
+                    if done % config["checkpoint_every"] == 0 or done == steps:
+                        save(done)
+            except KeyboardInterrupt:
+                # keep the finished steps; not if the state is non-finite or a step was cut
+                # mid-call (its inputs are donated, i.e. gone)
+                with contextlib.suppress(Exception):
+                    save(done)
+                raise
+        if record is None:  # resumed a finished run: report its last logged interval
+            record = metrics_log.read()[-1]
+    return state["params"], state["reg_state"], record
+
+
+def finish(
+    config: dict, variant: Any, loader: Loader, out: Path, params, reg_state, record
+) -> dict:
+    """Weights, export info, fast evaluation, final_info.json and plots."""
+    arrays = variant.params_to_arrays(params)
+    export_info = variant.export_info(params, reg_state)
+    json_info = {}
+    for key, value in export_info.items():
+        if isinstance(value, np.ndarray):
+            arrays.setdefault(key, value.astype(np.float32))  # e.g. BatchTopK's threshold
+            json_info[key] = f"{runs.PARAMS}:{key}"
+        else:
+            json_info[key] = value
+    save_file(arrays, str(out / runs.PARAMS))
+    config = config | {"export_info": json_info}
+    runs.write_json(out / runs.CONFIG, config)
+
+    results = None
+    if config["heldout_tokens"]:
+        results = evaluate(
+            variant,
+            params,
+            loader.heldout(EVAL_BATCH),
+            state=reg_state,
+            scale=config["norm_scale"],
+        )
+    fast_eval = None
+    if results is not None:
+        fast_eval = {k: v for k, v in results.items() if k != "feature_density"}
+        fast_eval |= {"batch_size": EVAL_BATCH, "definitions": "jax_sae/evaluate.py docstring"}
+    hp = variant.hparams
+    penalty = next((hp[k] for k in SPARSITY_KEYS if k in hp), None)
+    info = runs.final_info(
+        config,
+        training_steps=config["steps"],
+        final_loss=record["loss"],
+        learning_rate=hp["lr"],
+        sparsity_penalty=penalty,
+        extra={"export_info": json_info, runs.FAST_EVAL_KEY: fast_eval},
+    )
+    info_file = out / runs.FINAL_INFO
+    existing = runs.read_json(info_file) if info_file.exists() else {}
+    for layer_key, entry in info.items():  # keep results other tools merged in (SAEBench evals)
+        existing[layer_key] = existing.get(layer_key, {}) | entry
+    runs.write_json(info_file, existing)
+
+    view = plots.RunView(
+        variant=variant,
+        params=jax.device_get(params),
+        state=jax.device_get(reg_state),
+        records=runs.MetricsLog(out / runs.METRICS).read(),
+        eval=results,
+        heldout=lambda: loader.heldout(EVAL_BATCH),
+        norm_scale=config["norm_scale"],
+        title=f"{variant.name}, layer {config['layer']}, d_sae {variant.d_sae}",
+    )
+    plots.write_plots(view, out / "plots")
+    return existing
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config, variant, loader = build_config(args)
+        out = Path(args.out or f"runs/{args.variant}_L{args.layer}")
+        prepare_run_dir(out, config, args.resume)
+        params, reg_state, record = train(config, variant, loader, out, args.resume)
+        info = finish(config, variant, loader, out, params, reg_state, record)
+    except ONE_LINE_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint was saved, continue with --resume", file=sys.stderr)
+        return 130
+    fast = info[f"training results for layer {config['layer']}"][runs.FAST_EVAL_KEY] or {}
+    summary = {k: fast[k] for k in ("explained_variance_pooled", "l0", "dead_frac") if k in fast}
+    print(f"done: {out} final loss {record['loss']:.5g} {summary}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
