@@ -21,12 +21,21 @@ SET     ?=
 RUN     ?=
 EVALS   ?= core absorption scr tpp sparse_probing unlearning
 RUNS    ?=
+OFFLINE_MODEL ?=
+EVAL_FLAGS    ?=
+BENCH_FLAGS   ?=
 
 VENV      := .venv
 VENV_EVAL := .venv-eval
 PY        := $(VENV)/bin/python
 PY_EVAL   := $(VENV_EVAL)/bin/python
 TINY      := models/tiny-gemma2
+
+DEMO_CACHE := activations_cache/tiny-gemma2__stdlib_docstrings__L1_2
+DEMO_RUNS  := runs/demo_standard runs/demo_topk runs/demo_freq runs/demo_temporal
+# ~5 epochs of the 200k-token demo cache; normalised inputs so one learning rate suits all variants
+DEMO_TRAIN := --cache $(DEMO_CACHE) --layer 2 --normalize --tokens 1000000 --dead-tokens 100000 \
+	--set d_sae=512 --set lr=0.003 --set warmup_steps=20 --resume
 
 .PHONY: setup setup-eval test lint extract tiny-model train export-eval compare demo bench clean
 
@@ -58,6 +67,41 @@ tiny-model: setup
 extract: setup
 	$(PY) -m extract --model $(MODEL) --dataset $(DATASET) --layers $(LAYERS) --tokens $(TOKENS) \
 		--ctx-len $(CTX) --dtype $(DTYPE) --batch-size $(BATCH) $(if $(OUT),--out $(OUT)) --resume
+
+train: setup
+	@test -n "$(CACHE)" || { echo "error: set CACHE=activations_cache/<run> (made by make extract)" >&2; exit 2; }
+	$(PY) train.py --cache $(CACHE) --layer $(LAYER) --variant $(VARIANT) \
+		$(if $(STEPS),--steps $(STEPS)) $(foreach kv,$(SET),--set $(kv)) $(if $(OUT),--out $(OUT)) --resume
+
+export-eval: setup setup-eval
+	@test -n "$(RUN)" || { echo "error: set RUN=runs/<name> (a finished training run)" >&2; exit 2; }
+	$(PY) export_to_torch.py $(RUN) --force
+	$(PY_EVAL) -m saebench_eval.run $(RUN) --evals $(EVALS) \
+		$(if $(OFFLINE_MODEL),--offline-model $(OFFLINE_MODEL)) $(EVAL_FLAGS)
+
+compare: setup
+	@test -n "$(RUNS)" || { echo "error: set RUNS=\"runs/a runs/b\" (runs of one cache)" >&2; exit 2; }
+	$(PY) -m jax_sae.compare $(RUNS) --out $(or $(OUT),runs/compare)
+
+# The whole pipeline offline on the embedded tiny model: extract -> train -> export -> SAEBench core.
+demo: tiny-model setup-eval
+	$(PY) -m extract --model $(TINY) --dataset $(TINY)/stdlib_docstrings.jsonl --layers 1 2 \
+		--tokens 200000 --ctx-len 128 --batch-size 32 --out $(DEMO_CACHE) --resume
+	$(PY) train.py $(DEMO_TRAIN) --variant standard --out runs/demo_standard
+	$(PY) train.py $(DEMO_TRAIN) --variant topk --out runs/demo_topk --set k=16
+	$(PY) train.py $(DEMO_TRAIN) --variant freq --out runs/demo_freq
+	$(PY) train.py $(DEMO_TRAIN) --variant temporal --out runs/demo_temporal
+	$(PY) export_to_torch.py runs/demo_topk --force
+	$(PY_EVAL) -m saebench_eval.run runs/demo_topk --evals core --offline-model $(TINY) \
+		--core-reconstruction-batches 10 --core-sparsity-variance-batches 20
+	$(PY) -m jax_sae.compare $(DEMO_RUNS) --out runs/demo_compare
+	cat runs/demo_compare/comparison.md
+
+bench: setup
+	mkdir -p benchmarks/out
+	$(PY) benchmarks/bench_extract.py $(BENCH_FLAGS) | tee benchmarks/out/extract.md
+	$(PY) benchmarks/bench_train.py $(BENCH_FLAGS) | tee benchmarks/out/train.md
+	$(PY) benchmarks/bench_variants.py $(BENCH_FLAGS) | tee benchmarks/out/variants.md
 
 clean:
 	rm -rf runs benchmarks/out

@@ -43,7 +43,7 @@ from jax_sae.variants import VARIANTS, VariantError, make_variant
 
 DEFAULT_EVAL_TOKENS = 65536
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-SPARSITY_KEYS = ("lambda", "lambda_1", "sparsity_penalty", "k")
+SPARSITY_KEYS = ("lambda", "lambda_1", "sparsity_penalty", "k", "k_b")
 """Hyper-parameter reported as the template's ``sparsity_penalty`` (first one the variant has)."""
 
 
@@ -340,52 +340,59 @@ def train(config: dict, variant: Any, loader: Loader, out: Path, resume: bool) -
     return state["params"], state["reg_state"], record
 
 
-def finish(
-    config: dict, variant: Any, loader: Loader, out: Path, params, reg_state, record
-) -> dict:
-    """Weights, export info, fast evaluation, final_info.json and plots."""
+def save_weights(out: Path, variant: Any, params: Any, reg_state: Any) -> dict:
+    """``sae_params.safetensors`` (atomically) and the JSON part of the export info.
+
+    Array-valued export info (BatchTopK's inference threshold) is stored next to the weights
+    and referenced from config.json, so the exporter needs only these two files.
+    """
     arrays = variant.params_to_arrays(params)
-    export_info = variant.export_info(params, reg_state)
     json_info = {}
-    for key, value in export_info.items():
+    for key, value in variant.export_info(params, reg_state).items():
         if isinstance(value, np.ndarray):
-            arrays.setdefault(key, value.astype(np.float32))  # e.g. BatchTopK's threshold
+            arrays.setdefault(key, value.astype(np.float32))
             json_info[key] = f"{runs.PARAMS}:{key}"
         else:
             json_info[key] = value
-    save_file(arrays, str(out / runs.PARAMS))
-    config = config | {"export_info": json_info}
-    runs.write_json(out / runs.CONFIG, config)
+    tmp = out / f"{runs.PARAMS}.tmp"
+    save_file(arrays, str(tmp))
+    tmp.replace(out / runs.PARAMS)
+    return json_info
 
-    results = None
-    if config["heldout_tokens"]:
-        results = evaluate(
-            variant,
-            params,
-            loader.heldout(EVAL_BATCH),
-            state=reg_state,
-            scale=config["norm_scale"],
-        )
-    fast_eval = None
-    if results is not None:
-        fast_eval = {k: v for k, v in results.items() if k != "feature_density"}
-        fast_eval |= {"batch_size": EVAL_BATCH, "definitions": "jax_sae/evaluate.py docstring"}
+
+def write_final_info(out: Path, config: dict, variant: Any, record: dict, fast_eval) -> dict:
+    """The template's final_info.json, keeping entries other tools merged in (SAEBench)."""
     hp = variant.hparams
-    penalty = next((hp[k] for k in SPARSITY_KEYS if k in hp), None)
     info = runs.final_info(
         config,
         training_steps=config["steps"],
         final_loss=record["loss"],
         learning_rate=hp["lr"],
-        sparsity_penalty=penalty,
-        extra={"export_info": json_info, runs.FAST_EVAL_KEY: fast_eval},
+        sparsity_penalty=next((hp[k] for k in SPARSITY_KEYS if k in hp), None),
+        extra={"export_info": config["export_info"], runs.FAST_EVAL_KEY: fast_eval},
     )
     info_file = out / runs.FINAL_INFO
-    existing = runs.read_json(info_file) if info_file.exists() else {}
-    for layer_key, entry in info.items():  # keep results other tools merged in (SAEBench evals)
-        existing[layer_key] = existing.get(layer_key, {}) | entry
-    runs.write_json(info_file, existing)
+    merged = runs.read_json(info_file) if info_file.exists() else {}
+    for layer_key, entry in info.items():
+        merged[layer_key] = merged.get(layer_key, {}) | entry
+    runs.write_json(info_file, merged)
+    return merged
 
+
+def finish(
+    config: dict, variant: Any, loader: Loader, out: Path, params, reg_state, record
+) -> dict:
+    """Weights, export info, fast evaluation on the held-out tokens, final_info.json, plots."""
+    config = config | {"export_info": save_weights(out, variant, params, reg_state)}
+    runs.write_json(out / runs.CONFIG, config)
+    results, fast_eval = None, None
+    if config["heldout_tokens"]:
+        batches = loader.heldout(EVAL_BATCH)
+        scale = config["norm_scale"]
+        results = evaluate(variant, params, batches, state=reg_state, scale=scale)
+        fast_eval = {k: v for k, v in results.items() if k != "feature_density"}
+        fast_eval |= {"batch_size": EVAL_BATCH, "definitions": "jax_sae/evaluate.py docstring"}
+    info = write_final_info(out, config, variant, record, fast_eval)
     view = plots.RunView(
         variant=variant,
         params=jax.device_get(params),
@@ -397,7 +404,7 @@ def finish(
         title=f"{variant.name}, layer {config['layer']}, d_sae {variant.d_sae}",
     )
     plots.write_plots(view, out / "plots")
-    return existing
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,8 @@ Same model, loss and optimizer as `jax_sae` (ReLU SAE, L = mean ||x - x_hat||^2 
 mean sum |h|, decoder-gradient projection, Adam, unit-norm decoder rows after the step), in float32
 on all CPU threads. It is written to be a fair opponent: fused/foreach Adam, in-place updates, and
 the same `b_dec` trick as `jax_sae.models.ReLUSAE.pre_activation` (b_dec's gradient as a
-mat-vec, so autograd runs the same five [B x F x d] matmuls as the JAX step, not six).
+mat-vec, so autograd runs the same five [B x F x d] matmuls as the JAX step, not six);
+``b_dec_trick=False`` gives the plain-autograd step for comparison.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 
 
 class TorchSAE(torch.nn.Module):
-    def __init__(self, d_in: int, d_sae: int, seed: int = 0) -> None:
+    def __init__(self, d_in: int, d_sae: int, *, b_dec_trick: bool = True, seed: int = 0) -> None:
         super().__init__()
+        self.b_dec_trick = b_dec_trick
         g = torch.Generator().manual_seed(seed)
         bound = (6 / d_in) ** 0.5  # kaiming-uniform, fan-in d_in, as jax_sae's init
         self.W_enc = torch.nn.Parameter((torch.rand(d_in, d_sae, generator=g) * 2 - 1) * bound)
@@ -26,10 +28,13 @@ class TorchSAE(torch.nn.Module):
         self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b_dec_fixed = self.b_dec.detach()
-        pre = torch.addmm(self.b_enc, x - b_dec_fixed, self.W_enc)
-        # zero-valued term carrying b_dec's gradient: -(sum_b g_pre) @ W_enc^T, a mat-vec
-        pre = pre - (self.b_dec - b_dec_fixed) @ self.W_enc.detach()
+        if self.b_dec_trick:
+            b_dec_fixed = self.b_dec.detach()
+            pre = torch.addmm(self.b_enc, x - b_dec_fixed, self.W_enc)
+            # zero-valued term carrying b_dec's gradient: -(sum_b g_pre) @ W_enc^T, a mat-vec
+            pre = pre - (self.b_dec - b_dec_fixed) @ self.W_enc.detach()
+        else:  # plain autograd: b_dec's gradient costs a sixth [B x F x d] matmul
+            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
         h = torch.relu(pre)
         x_hat = torch.addmm(self.b_dec, h, self.W_dec)
         return x_hat, h
@@ -38,9 +43,17 @@ class TorchSAE(torch.nn.Module):
 class TorchTrainStep:
     """One optimizer step of the standard SAE: forward, backward, projection, Adam, renorm."""
 
-    def __init__(self, d_in: int, d_sae: int, *, lr: float = 3e-4, l1: float = 0.04) -> None:
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        *,
+        lr: float = 3e-4,
+        l1: float = 0.04,
+        b_dec_trick: bool = True,
+    ) -> None:
         torch.set_num_threads(os.cpu_count() or 1)
-        self.model = TorchSAE(d_in, d_sae)
+        self.model = TorchSAE(d_in, d_sae, b_dec_trick=b_dec_trick)
         self.l1 = l1
         params = list(self.model.parameters())
         try:

@@ -206,17 +206,24 @@ class CacheWriter:
             "tokens": np.asarray(tokens, np.int32),
             "positions": np.asarray(positions, np.int32),
         }
+        sums = {}
         for layer, a in acts.items():
             if a.shape != (n, self.d_model):
                 raise CacheError(
                     f"layer {layer} activations have shape {a.shape}, expected {(n, self.d_model)}"
                 )
-            if not np.isfinite(a).all():
+            stored = np.asarray(a).astype(self.dtype, copy=False)
+            # One float32 view of what is stored (exact for bf16/f16) serves the NaN/inf check,
+            # which also catches float16 overflow, and the statistics; float64 only per row.
+            stored32 = stored.astype(np.float32, copy=False)
+            if not np.isfinite(stored32).all():
                 raise CacheError(
                     f"layer {layer} activations contain NaN/inf in shard {index}; check the model "
-                    "dtype (try --model-dtype float32)"
+                    "dtype (try --model-dtype float32) or store float32 (--dtype float32)"
                 )
-            arrays[_layer_kind(layer)] = np.asarray(a).astype(self.dtype, copy=False)
+            row_sq_norms = np.einsum("ij,ij->i", stored32, stored32)
+            sums[layer] = (stored32.sum(0, dtype=np.float64), row_sq_norms.sum(dtype=np.float64))
+            arrays[_layer_kind(layer)] = stored
         checksums = {}
         for kind, array in arrays.items():
             (self.path / kind).mkdir(exist_ok=True)
@@ -224,12 +231,11 @@ class CacheWriter:
             checksums[kind] = _array_crc32(array)
         for kind in arrays:
             _fsync_dir(self.path / kind)
-        for layer in self.layers:
-            stored = arrays[_layer_kind(layer)].astype(np.float64)
+        for layer, (sum_vec, sum_sq_norm) in sums.items():
             stats = self.manifest["stats"][str(layer)]
             stats["n"] += n
-            stats["sum"] = (np.asarray(stats["sum"]) + stored.sum(0)).tolist()
-            stats["sum_sq_norm"] += float(np.einsum("ij,ij->", stored, stored))
+            stats["sum"] = (np.asarray(stats["sum"]) + sum_vec).tolist()
+            stats["sum_sq_norm"] += float(sum_sq_norm)
         self.manifest["shards"].append(
             {"index": index, "n_tokens": n, "n_sequences": int(n_sequences), "crc32": checksums}
         )

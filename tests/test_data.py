@@ -71,7 +71,7 @@ def test_layer_stats_match_numpy(tmp_path, shards):
         stored = stored.astype(ml_dtypes.bfloat16).astype(np.float64)
         stats = cache.layer_stats(layer)
         np.testing.assert_allclose(stats["mean"], stored.mean(0), rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(stats["mean_sq_norm"], (stored**2).sum(1).mean(), rtol=1e-10)
+        np.testing.assert_allclose(stats["mean_sq_norm"], (stored**2).sum(1).mean(), rtol=1e-6)
         np.testing.assert_array_equal(cache.acts(layer)[:], stored.astype(np.float32))
 
 

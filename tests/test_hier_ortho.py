@@ -246,7 +246,7 @@ def test_token_pairs_equal_row_blocks(mode):
     scale = F * (F - 1)
     for result in [tokens] + [
         hier_ortho.block_decoder_sum(
-            w_dec, (fires.sum(0), fires), counts="batch", block=block, **options
+            w_dec, (fires.sum(0), fires.T), counts="batch", block=block, **options
         )
         for block in (8, 13, 64)
     ]:

@@ -84,8 +84,10 @@ def test_penalty_and_gradient_match_numpy(mode):
         np.testing.assert_allclose(diff[key], 0.0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("small_candidates", "flush_tiles"), [(3, 1), (3, 32), (4096, 32)])
-@pytest.mark.parametrize("block", [5, 8, 40])
+@pytest.mark.parametrize(
+    ("block", "small_candidates", "flush_tiles"),
+    [(5, 3, 1), (8, 3, 32), (8, 4096, 32), (40, 4096, 32)],
+)
 def test_blockwise_top_pairs_is_exact(monkeypatch, block, small_candidates, flush_tiles):
     """Both branches (few / many scores above the threshold), frequent and rare buffer flushes,
     several tile sizes (dividing F or not), against NumPy."""

@@ -153,9 +153,11 @@ def pair_count_rows(
     source: jax.Array, rows: jax.Array, counts: str, compute_dtype=jnp.float32
 ) -> jax.Array:
     """[len(rows), F] co-firing statistics of the row latents with every latent: rows of M^T M
-    from the [B, F] firing mask (`counts="batch"`), or of the [F, F] EMA state (`"ema"`)."""
+    from the transposed [F, B] firing mask (`counts="batch"`; row gathers of M^T keep the matmul
+    in the layout XLA:CPU runs fast, gathered columns of M ran 8x slower), or rows of the [F, F]
+    EMA state (`"ema"`)."""
     if counts == "batch":
-        return matmul(source[:, rows].T, source, compute_dtype)
+        return matmul(source[rows], source.T, compute_dtype)
     return source[rows]
 
 
@@ -208,12 +210,12 @@ def activation_gram_sum(
     of rows, differentiable w.r.t. h. Each block's A rows see a stop-gradient h on the column
     side; the row side gets gamma times its share, which for gamma = 2 is the true gradient."""
     n_tokens, n_latents = h.shape
-    h_fixed = lax.stop_gradient(h)
+    h_fixed, h_t = lax.stop_gradient(h), h.T
 
     @jax.checkpoint  # recompute each block in the backward pass instead of keeping F x F
     def block_sum(start):
         rows, real = blockwise.block_rows(start, block, n_latents)
-        gram = matmul(h[:, rows].T, h_fixed, compute_dtype) / n_tokens  # [block, F]
+        gram = matmul(h_t[rows], h_fixed, compute_dtype) / n_tokens  # [block, F]
         fixed = lax.stop_gradient(gram)
         n_pair = pair_count_rows(source, rows, counts, compute_dtype)
         weight, gamma = competition_weights(
@@ -227,18 +229,19 @@ def activation_gram_sum(
 
 
 def update_rates(
-    cofire: jax.Array, fire: jax.Array, fires: jax.Array, decay: float, block: int, compute_dtype
+    cofire: jax.Array, fire: jax.Array, fires_t: jax.Array, decay: float, block: int, compute_dtype
 ) -> tuple[jax.Array, jax.Array]:
-    """EMA of n_ij / B and n_j / B (module docstring), the F x F part block by block."""
-    n_tokens, n_latents = fires.shape
+    """EMA of n_ij / B and n_j / B (module docstring) from the [F, B] transposed firing mask, the
+    F x F part block by block."""
+    n_latents, n_tokens = fires_t.shape
 
     def block_update(start):
         rows, _ = blockwise.block_rows(start, block, n_latents)
-        batch = pair_count_rows(fires, rows, "batch", compute_dtype)
+        batch = pair_count_rows(fires_t, rows, "batch", compute_dtype)
         return decay * cofire[rows] + (1.0 - decay) * batch / n_tokens
 
     new_cofire = blockwise.unblock(blockwise.map_blocks(block_update, n_latents, block), n_latents)
-    new_fire = decay * fire + (1.0 - decay) * jnp.sum(fires, axis=0) / n_tokens
+    new_fire = decay * fire + (1.0 - decay) * jnp.sum(fires_t, axis=1) / n_tokens
     return new_cofire, new_fire
 
 
@@ -285,6 +288,7 @@ class HierarchicalOrthogonality(LossTerm):
         h = ctx.fwd.h
         n_latents = h.shape[1]
         fires = (lax.stop_gradient(h) > 0).astype(jnp.float32)
+        fires_t = fires.T
         options = {
             "chance": hp["k"] / n_latents,
             "c_max": hp["c_max"],
@@ -295,14 +299,14 @@ class HierarchicalOrthogonality(LossTerm):
             cofire, fire = update_rates(
                 state[COFIRE_KEY],
                 state[FIRE_KEY],
-                fires,
+                fires_t,
                 hp["counts_decay"],
                 hp["block_size"],
                 dtype,
             )
             new_state, source = {COFIRE_KEY: cofire, FIRE_KEY: fire}, cofire
         else:
-            new_state, fire, source = {}, jnp.sum(fires, axis=0), fires
+            new_state, fire, source = {}, jnp.sum(fires, axis=0), fires_t
         block_options = {"counts": hp["counts"], "block": hp["block_size"], **options}
 
         if hp["ortho_target"] == "activations":
@@ -313,7 +317,7 @@ class HierarchicalOrthogonality(LossTerm):
                 active = lax.top_k(pre, hp["k"])[1]
                 valid = jnp.take_along_axis(fires, active, axis=1) > 0
                 fn = partial(token_pair_decoder_sum, token_chunk=hp["token_chunk"], **options)
-                args = (active, valid, fires.T, fire)
+                args = (active, valid, fires_t, fire)
             else:
                 fn, args = partial(block_decoder_sum, **block_options), (fire, source)
             total = blockwise.value_with_gradient(fn, ctx.params["W_dec"], args)
