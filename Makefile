@@ -17,6 +17,7 @@ LAYER   ?= $(firstword $(LAYERS))
 CACHE   ?=
 STEPS   ?=
 SET     ?=
+TRAIN_FLAGS ?=
 # export and evaluation (SPEC 5)
 RUN     ?=
 EVALS   ?= core absorption scr tpp sparse_probing unlearning
@@ -71,7 +72,7 @@ extract: setup
 train: setup
 	@test -n "$(CACHE)" || { echo "error: set CACHE=activations_cache/<run> (made by make extract)" >&2; exit 2; }
 	$(PY) train.py --cache $(CACHE) --layer $(LAYER) --variant $(VARIANT) \
-		$(if $(STEPS),--steps $(STEPS)) $(foreach kv,$(SET),--set $(kv)) $(if $(OUT),--out $(OUT)) --resume
+		$(if $(STEPS),--steps $(STEPS)) $(foreach kv,$(SET),--set $(kv)) $(if $(OUT),--out $(OUT)) $(TRAIN_FLAGS) --resume
 
 export-eval: setup setup-eval
 	@test -n "$(RUN)" || { echo "error: set RUN=runs/<name> (a finished training run)" >&2; exit 2; }

@@ -264,7 +264,9 @@ def train(config: dict, variant: Any, loader: Loader, out: Path, resume: bool) -
     """The training loop; returns the final (params, reg_state, last logged record)."""
     steps, batch_size = config["steps"], config["batch_size"]
     hp = variant.hparams
-    opt = make_optimizer(lr=hp["lr"], warmup_steps=hp["warmup_steps"], total_steps=steps)
+    opt = make_optimizer(
+        lr=hp["lr"], warmup_steps=hp["warmup_steps"], total_steps=steps, decay=hp["lr_decay"]
+    )
     step_fn = make_train_step(variant, opt, COMPUTE_DTYPES[config["compute_dtype"]])
     state = initial_state(config, variant, opt, loader)
     metrics_log = runs.MetricsLog(out / runs.METRICS)

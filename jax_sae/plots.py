@@ -194,8 +194,7 @@ def sampled_decoder_cosines(w_dec: np.ndarray, n: int = PAIR_SAMPLE_LATENTS) -> 
     rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
     if len(rows) > n:
         rows = rows[np.sort(np.random.default_rng(0).choice(len(rows), n, replace=False))]
-    cos = rows @ rows.T
-    return cos[np.triu_indices(len(rows), 1)], rows
+    return (rows @ rows.T)[np.triu_indices(len(rows), 1)]
 
 
 def heldout_firing(run: RunView, n_tokens: int = PAIR_TOKENS) -> np.ndarray | None:
@@ -216,7 +215,7 @@ def pair_structure(run: RunView, out_dir: Path) -> None:
     frequent latents on held-out tokens, co-firing lift n_ij N / (n_i n_j) against |d_i . d_j|
     (the pairs the regulariser targets should sit low on the cosine axis); and the variant's
     regulariser metric over training."""
-    cos, _ = sampled_decoder_cosines(run.params["W_dec"])
+    cos = sampled_decoder_cosines(run.params["W_dec"])
     fig, (hist, lift_ax, curve) = plt.subplots(1, 3, figsize=(16, 4))
     hist.hist(cos, bins=100, log=True)
     hist.set(xlabel="decoder cosine d_i . d_j", ylabel="pairs (log)")

@@ -59,6 +59,7 @@ from jax_sae.models import (
     TopKSAE,
     TwoLevelSAE,
 )
+from jax_sae.optim import DECAYS
 
 
 class VariantError(ValueError):
@@ -70,7 +71,9 @@ def gao_lr(d_in: int, d_sae: int) -> float:
     return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
-TRAINING_HPARAMS: Mapping[str, Any] = MappingProxyType({"lr": 3e-4, "warmup_steps": 1000})
+TRAINING_HPARAMS: Mapping[str, Any] = MappingProxyType(
+    {"lr": 3e-4, "warmup_steps": 1000, "lr_decay": "constant"}
+)
 """Per-variant training defaults; train.py passes them to `optim.make_optimizer`."""
 
 
@@ -183,7 +186,7 @@ def resolve_hparams(
 ) -> dict[str, Any]:
     """Defaults of every source, then the variant's defaults, then `overrides`, validated."""
     defaults: dict[str, Any] = dict(TRAINING_HPARAMS)
-    choices: dict[str, tuple[str, ...]] = {}
+    choices: dict[str, tuple[str, ...]] = {"lr_decay": tuple(DECAYS)}
     nullable: set[str] = set()
     for source in spec.hparam_sources():
         defaults.update(getattr(source, "HPARAMS", {}))

@@ -17,6 +17,14 @@ import pytest
 # Set before torch is imported; subprocesses (the kill/resume test) inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In CI the SAEBench tests must run: a missing `.venv-eval` is an error there, not a skip."""
+    eval_python = Path(__file__).resolve().parents[1] / ".venv-eval" / "bin" / "python"
+    if os.environ.get("CI") and not eval_python.exists():
+        raise pytest.UsageError(".venv-eval is missing in CI; `make test` creates it (setup-eval)")
+
+
 # The build recipe of the test model: the default architecture, trained briefly on a corpus prefix.
 TINY_TEST_SPEC = {"train_steps": 20, "train_batch": 4, "max_corpus_chars": 200_000}
 

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from jax_sae.losses.freq import RATE_BINS
-from jax_sae.optim import make_optimizer
-from jax_sae.train_step import make_train_step
 from jax_sae.variants import VARIANTS, VariantError, make_variant
+from tests.helpers import assert_close, relu_sae_gradients, train_briefly
 
 D, F, B = 16, 64, 48
 
@@ -57,22 +56,8 @@ def np_reference(p, x, rate, *, lam, alpha, decay, freq_norm):
 
 def np_gradients(p, x, ref, lam) -> dict[str, np.ndarray]:
     """Analytic gradient of the total loss with the firing rate held constant."""
-    n = x.shape[0]
-    g_xhat = -2.0 / n * (x - ref["x_hat"])
-    g_h = g_xhat @ p["W_dec"].T + lam / n * ref["weights"] * np.sign(ref["h"])
-    g_pre = g_h * (ref["pre"] > 0)
-    return {
-        "W_enc": (x - p["b_dec"]).T @ g_pre,
-        "b_enc": g_pre.sum(axis=0),
-        "W_dec": ref["h"].T @ g_xhat,
-        "b_dec": g_xhat.sum(axis=0) - p["W_enc"] @ g_pre.sum(axis=0),
-    }
-
-
-def assert_close(actual, expected, rtol=2e-5, what=""):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    atol = rtol * max(np.max(np.abs(expected)), 1e-6)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+    penalty = lam / x.shape[0] * ref["weights"] * np.sign(ref["h"])
+    return relu_sae_gradients(p, x, ref, penalty)
 
 
 def test_defaults_are_the_reference_ones_and_overridable():
@@ -181,17 +166,9 @@ def test_trains_through_the_real_train_step():
     data = sparse_data(256 * 61, seed=8)
     held_out = {"x": jnp.asarray(data[-256:])}
     params = v.init_params(jax.random.key(0))
-    opt = make_optimizer(lr=v.hparams["lr"], warmup_steps=v.hparams["warmup_steps"])
-    step_fn = make_train_step(v, opt)
-    loss_fn = jax.jit(v.loss)
-    before, _ = loss_fn(params, v.init_state(), held_out, 0)
-    opt_state, state = opt.init(params), v.init_state()
-    for step in range(60):
-        batch = {"x": jnp.asarray(data[step * 256 : (step + 1) * 256])}
-        params, opt_state, state, metrics = step_fn(
-            params, opt_state, state, batch, jnp.int32(step)
-        )
-    after, _ = loss_fn(params, v.init_state(), held_out, 0)
-    assert float(after) < 0.5 * float(before)
+    before, after, params, _, metrics = train_briefly(
+        v, params, lambda step: {"x": jnp.asarray(data[step * 256 : (step + 1) * 256])}, held_out
+    )
+    assert after < 0.5 * before
     assert 0 < float(metrics["firing_rate_mean"]) < 1
     np.testing.assert_allclose(np.linalg.norm(params["W_dec"], axis=1), 1.0, atol=1e-5)

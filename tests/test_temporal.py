@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_sae.optim import make_optimizer
-from jax_sae.train_step import make_train_step
 from jax_sae.variants import VARIANTS, VariantError, make_variant
+from tests.helpers import assert_close, relu_sae_gradients, train_briefly
 
 D, F, B = 16, 64, 48
 HP = {"lambda_1": 0.05, "lambda_2": 0.3, "beta": 3.0, "l_max_decay": 0.8}
@@ -82,25 +81,10 @@ def np_reference(p, batch, l_max, alpha="relative"):
 def np_gradients(p, x, ref) -> dict[str, np.ndarray]:
     """Analytic gradient with a and f_prev held constant."""
     n = x.shape[0]
-    g_xhat = -2.0 / n * (x - ref["x_hat"])
-    g_h = (
-        g_xhat @ p["W_dec"].T
-        + HP["lambda_1"] / n * np.sign(ref["h"])
-        + HP["lambda_2"] * ref["adaptive_weight"] / n * np.sign(ref["h"] - ref["f_prev"])
-    )
-    g_pre = g_h * (ref["pre"] > 0)
-    return {
-        "W_enc": (x - p["b_dec"]).T @ g_pre,
-        "b_enc": g_pre.sum(axis=0),
-        "W_dec": ref["h"].T @ g_xhat,
-        "b_dec": g_xhat.sum(axis=0) - p["W_enc"] @ g_pre.sum(axis=0),
-    }
-
-
-def assert_close(actual, expected, rtol=2e-5, what=""):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    atol = rtol * max(np.max(np.abs(expected)), 1e-6)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+    penalty = HP["lambda_1"] / n * np.sign(ref["h"]) + HP["lambda_2"] * ref[
+        "adaptive_weight"
+    ] / n * np.sign(ref["h"] - ref["f_prev"])
+    return relu_sae_gradients(p, x, ref, penalty)
 
 
 def test_defaults_are_the_reference_ones_and_overridable():
@@ -209,17 +193,10 @@ def test_trains_through_the_real_train_step():
     rng = np.random.default_rng(7)
     held_out = to_jax(batches_from(seqs, rng, 256))
     params = v.init_params(jax.random.key(0))
-    opt = make_optimizer(lr=v.hparams["lr"], warmup_steps=v.hparams["warmup_steps"])
-    step_fn = make_train_step(v, opt)
-    loss_fn = jax.jit(v.loss)
-    before, _ = loss_fn(params, v.init_state(), held_out, 0)
-    opt_state, state = opt.init(params), v.init_state()
-    for step in range(60):
-        batch = to_jax(batches_from(seqs, rng, 256))
-        params, opt_state, state, metrics = step_fn(
-            params, opt_state, state, batch, jnp.int32(step)
-        )
-    after, (_, held_metrics) = loss_fn(params, v.init_state(), held_out, 0)
-    assert float(after) < 0.5 * float(before)
+    before, after, params, state, metrics = train_briefly(
+        v, params, lambda step: to_jax(batches_from(seqs, rng, 256)), held_out
+    )
+    assert after < 0.5 * before
+    _, (_, held_metrics) = jax.jit(v.loss)(params, v.init_state(), held_out, 0)
     assert 0.5 <= float(metrics["adaptive_weight"]) < 1 and float(state["l_max"]) > 0
     assert float(held_metrics["temporal_jaccard"]) > 0.3

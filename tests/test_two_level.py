@@ -8,9 +8,8 @@ import pytest
 
 from jax_sae import interventions
 from jax_sae.init import geometric_median
-from jax_sae.optim import make_optimizer
-from jax_sae.train_step import make_train_step
 from jax_sae.variants import VARIANTS, VariantError, gao_lr, make_variant
+from tests.helpers import assert_close, train_briefly
 
 D, F, F_C, B = 16, 64, 8, 40
 CHILDREN = F // F_C
@@ -60,12 +59,6 @@ def np_auxk(x, x_hat, pre, dead, w_dec, k):
     e = x - x_hat
     h_aux = np.maximum(np_topk(np.where(dead, pre, -np.inf), k), 0)
     return np.sum((e - h_aux @ w_dec) ** 2) / np.sum((e - e.mean(axis=0)) ** 2)
-
-
-def assert_close(actual, expected, rtol=2e-5, what=""):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    atol = rtol * max(np.max(np.abs(expected)), 1e-6)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
 
 
 def test_defaults_hparams_and_export_info():
@@ -254,17 +247,9 @@ def test_trains_through_the_real_train_step():
     data = hierarchical_data(256 * 61, seed=13)
     held_out = {"x": jnp.asarray(data[-256:])}
     params = v.init_params(jax.random.key(0), data_sample=data[:512])
-    opt = make_optimizer(lr=v.hparams["lr"], warmup_steps=v.hparams["warmup_steps"])
-    step_fn = make_train_step(v, opt)
-    loss_fn = jax.jit(v.loss)
-    before, _ = loss_fn(params, v.init_state(), held_out, 0)
-    opt_state, state = opt.init(params), v.init_state()
-    for step in range(60):
-        batch = {"x": jnp.asarray(data[step * 256 : (step + 1) * 256])}
-        params, opt_state, state, metrics = step_fn(
-            params, opt_state, state, batch, jnp.int32(step)
-        )
-    after, _ = loss_fn(params, v.init_state(), held_out, 0)
-    assert float(after) < 0.5 * float(before)
+    before, after, params, _, _ = train_briefly(
+        v, params, lambda step: {"x": jnp.asarray(data[step * 256 : (step + 1) * 256])}, held_out
+    )
+    assert after < 0.5 * before
     for name in ("W_dec", "W_dec_c"):
         np.testing.assert_allclose(np.linalg.norm(params[name], axis=1), 1.0, atol=1e-5)

@@ -57,6 +57,7 @@ def test_unknown_hyperparameter_names_it_and_lists_the_valid_ones():
         ("standard", {"lambda": -1.0}, "lambda must be >= 0"),
         ("jumprelu", {"bandwidth": 0.0}, "bandwidth must be > 0"),
         ("batchtopk", {"threshold_decay": 1.0}, "threshold_decay must be in"),
+        ("freq", {"lr_decay": "cos"}, "lr_decay='cos' is not one of constant, cosine, linear"),
     ],
 )
 def test_invalid_hyperparameter_values_are_one_line_errors(name, hparams, message):
@@ -75,7 +76,7 @@ def test_resolved_hyperparameters_hold_spec_defaults_and_are_json():
     standard = make_variant("standard", 2304, 2304).hparams
     assert standard["lambda"] == 0.04 and standard["lr"] == 3e-4
     assert standard["warmup_steps"] == 1000 and standard["dead_tokens"] == 10_000_000
-    assert standard["recon"] == "squared"
+    assert standard["recon"] == "squared" and standard["lr_decay"] == "constant"
 
     topk = make_variant("topk", 2304, 65536).hparams
     assert topk["k"] == 320 and topk["k_aux"] == 1152 and topk["alpha_aux"] == 1 / 32
