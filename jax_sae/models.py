@@ -1,7 +1,7 @@
 """Flax modules for the SAE architectures (SPEC 3).
 
 Parameters are a flat dict with SAELens names and shapes: `W_enc [d, F]`, `b_enc [F]`,
-`W_dec [F, d]`, `b_dec [d]` (+ `log_threshold [F]` for JumpReLU, exported as `threshold`).
+`W_dec [F, d]`, `b_dec [d]` (+ `threshold [F]` for JumpReLU).
 Every parameter whose name starts with `W_dec` is a dictionary with unit-norm rows; the optimizer
 (`jax_sae.optim`) keeps it so.
 
@@ -234,9 +234,12 @@ class BatchTopKSAE(TopKSAE):
 
 
 class JumpReLUSAE(ReLUSAE):
-    """`jumprelu`: h = pre * H(pre - theta), theta = exp(log_threshold) > 0 per latent.
+    """`jumprelu`: h = pre * H(pre - theta) with a learned threshold theta >= 0 per latent.
 
-    Stored as log theta so that theta stays positive under Adam; exported as `threshold` = theta.
+    theta is the raw parameter `threshold` (SAELens's name: export is a copy), kept >= 0 by the
+    optimizer (`optim.clamp_thresholds`), as dictionary_learning does. A log-theta parameter under
+    the shared learning rate moved theta by a factor of ~e^(lr * steps): it could not exceed 0.004
+    from its 0.001 start in a reference-length run, so L0 never approached `target_l0` (SPEC 3.4).
     """
 
     bandwidth: float
@@ -247,43 +250,31 @@ class JumpReLUSAE(ReLUSAE):
 
     @classmethod
     def check_hparams(cls, hparams: Mapping[str, Any], d_in: int, d_sae: int) -> None:
-        for name in cls.HPARAMS:
-            if hparams[name] <= 0:
-                raise ValueError(f"{name} must be > 0, got {hparams[name]}")
+        if hparams["bandwidth"] <= 0:
+            raise ValueError(f"bandwidth must be > 0, got {hparams['bandwidth']}")
+        if hparams["threshold_init"] < 0:
+            raise ValueError(f"threshold_init must be >= 0, got {hparams['threshold_init']}")
 
     def setup(self) -> None:
         super().setup()
-        log_init = float(np.log(self.threshold_init))
-        self.log_threshold = self.param(
-            "log_threshold", nn.initializers.constant(log_init), (self.d_sae,)
+        self.threshold = self.param(
+            "threshold", nn.initializers.constant(self.threshold_init), (self.d_sae,)
         )
 
-    def threshold(self) -> jax.Array:
-        return jnp.exp(self.log_threshold)
-
     def activate_train(self, pre: jax.Array) -> jax.Array:
-        return jumprelu(pre, self.threshold(), self.bandwidth)
-
-    @classmethod
-    def to_saelens(cls, params) -> dict[str, np.ndarray]:
-        arrays = {name: value for name, value in params.items() if name != "log_threshold"}
-        arrays["threshold"] = np.exp(np.asarray(params["log_threshold"], dtype=np.float64))
-        return super().to_saelens(arrays)
+        return jumprelu(pre, self.threshold, self.bandwidth)
 
     @classmethod
     def from_saelens(cls, arrays) -> dict[str, np.ndarray]:
-        params = {name: value for name, value in arrays.items() if name != "threshold"}
-        threshold = np.asarray(arrays["threshold"], dtype=np.float64)
-        if np.any(threshold <= 0):
-            raise ValueError("jumprelu threshold must be > 0 everywhere (it is stored as a log)")
-        params["log_threshold"] = np.log(threshold)
-        return super().from_saelens(params)
+        if np.any(np.asarray(arrays["threshold"]) < 0):
+            raise ValueError("jumprelu threshold must be >= 0 everywhere")
+        return super().from_saelens(arrays)
 
     @classmethod
     def export_info(cls, params, state, hparams) -> dict[str, Any]:
         return {
             "architecture": cls.EXPORT_ARCHITECTURE,
-            "threshold": cls.to_saelens(params)["threshold"],
+            "threshold": np.asarray(params["threshold"], np.float32),
         }
 
 
@@ -316,10 +307,13 @@ class TwoLevelSAE(ReLUSAE):
     F_c: int
 
     HPARAMS: ClassVar[Mapping[str, Any]] = {
-        "k_b": 64,
-        "k_c": 8,
-        "F_c": lambda d_in, d_sae: d_sae // 8,
+        "k_b": 288,
+        "k_c": 32,
+        "F_c": lambda d_in, d_sae: max(d_sae // 64, 1),
     }
+    """SPEC 3.9 (revised 2026-11-29): F / 64 concepts, k_c + k_b = 320, the TopK baseline's L0. The
+    former F / 8, k_c 8, k_b 64 left exactly 8 x 8 = 64 eligible base latents for k_b = 64: the
+    base TopK never selected anything."""
     EXPORT_ARCHITECTURE: ClassVar[str] = "two_level"
     B_DEC_FROM_DATA: ClassVar[bool] = True
 
@@ -335,6 +329,13 @@ class TwoLevelSAE(ReLUSAE):
             raise ValueError(f"k_c must be in [1, F_c={n_concepts}], got {k_c}")
         if not 1 <= k_b <= d_sae:
             raise ValueError(f"k_b must be in [1, d_sae={d_sae}], got {k_b}")
+        eligible = k_c * (d_sae // n_concepts)
+        if eligible < 2 * k_b:
+            raise ValueError(
+                f"k_c * d_sae / F_c = {eligible} base latents are eligible per token, fewer than "
+                f"2 k_b = {2 * k_b}: the base TopK would barely select; raise k_c or d_sae / F_c, "
+                "or lower k_b"
+            )
 
     def setup(self) -> None:
         super().setup()

@@ -7,7 +7,8 @@
 2. Adam (b1 0.9, b2 0.999);
 3. the learning-rate schedule (`make_schedule`);
 4. `renormalize_decoder_rows`: turn the update into one that lands on unit-norm rows,
-   `update <- normalise_rows(param + update) - param`.
+   `update <- normalise_rows(param + update) - param`;
+5. `clamp_thresholds`: JumpReLU thresholds (parameters named `threshold`) stay >= 0.
 
 Step 4 is part of the chain (not a separate call after `optax.apply_updates`) so that any plain
 optax loop keeps the decoder normalised. Decoder = every parameter whose name starts with
@@ -24,6 +25,7 @@ import optax
 from jax_sae.init import unit_rows
 
 DECODER_PREFIX = "W_dec"
+THRESHOLD = "threshold"
 DECAYS = ("constant", "cosine", "linear")
 
 
@@ -68,6 +70,20 @@ def renormalize_decoder_rows() -> optax.GradientTransformation:
             for name, u in updates.items()
         }
         return renormalized, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def clamp_thresholds() -> optax.GradientTransformation:
+    """Change threshold updates so that `param + update >= 0` (JumpReLU's raw theta)."""
+
+    def update_fn(updates, state, params=None):
+        params = _require_params(params, "clamp_thresholds")
+        clamped = {
+            name: jnp.maximum(params[name] + u, 0.0) - params[name] if name == THRESHOLD else u
+            for name, u in updates.items()
+        }
+        return clamped, state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
@@ -121,4 +137,5 @@ def make_optimizer(
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
         optax.scale_by_learning_rate(make_schedule(lr, warmup_steps, total_steps, decay)),
         renormalize_decoder_rows(),
+        clamp_thresholds(),
     )

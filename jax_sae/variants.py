@@ -10,13 +10,14 @@ and updates dead-latent tracking (losses/dead.py) plus each term's own slice of 
 
 How to add a variant (e.g. `freq`, SPEC 3.5):
 
-1. Write `jax_sae/losses/freq.py` with a `LossTerm` subclass: `HPARAMS` (name -> default),
+1. Write `jax_sae/losses/freq.py` with a `LossTerm` subclass: `NAME` and `ACTS_ON` (for the
+   gradient-share diagnostics), `HPARAMS` (name -> default),
    `init_state` (its state entries, e.g. `{"firing_rate": zeros [F]}`), and `__call__(ctx, state)`
    returning `TermOutput(loss_added, new_state_entries, metrics)`. `ctx` holds the params, the
    batch, `fwd.pre/h/x_hat`, the reconstruction loss, the fired and dead masks, the step and all
    hyper-parameters (`losses.LossContext`). Keep it pure: no Python `if` on traced values.
 2. Register it below:
-       "freq": VariantSpec(ReLUSAE, (FrequencyWeightedL1(),), default_layer=19,
+       "freq": VariantSpec(ReLUSAE, (L1Penalty(), FrequencyWeighting()), default_layer=19,
                            description="..."),
    `defaults` overrides any default of the architecture or terms for this variant (e.g. `k`),
    `default_d_sae`/`default_layer` are the suggestions train.py uses when the user gives none,
@@ -43,7 +44,7 @@ from jax_sae.losses import LossContext, LossTerm, recon
 from jax_sae.losses import dead as dead_tracking
 from jax_sae.losses.auxk import AuxK
 from jax_sae.losses.batchtopk_threshold import BatchTopKThreshold
-from jax_sae.losses.freq import FrequencyWeightedL1
+from jax_sae.losses.freq import FrequencyWeighting
 from jax_sae.losses.hier_ortho import HierarchicalOrthogonality
 from jax_sae.losses.jumprelu_sparsity import JumpReLUSparsity
 from jax_sae.losses.l1 import L1Penalty
@@ -128,7 +129,7 @@ VARIANTS: dict[str, VariantSpec] = {
     ),
     "freq": VariantSpec(
         ReLUSAE,
-        (FrequencyWeightedL1(),),
+        (L1Penalty(), FrequencyWeighting()),
         default_layer=19,
         description="ReLU SAE + L1 weighted by each latent's EMA firing rate (SPEC 3.5)",
     ),
@@ -345,11 +346,14 @@ class Variant:
         step: jax.Array,
         *,
         compute_dtype: Any = jnp.float32,
+        skip_terms: frozenset[str] = frozenset(),
     ) -> tuple[jax.Array, tuple[State, dict[str, jax.Array]]]:
         """Total loss and (new state, metrics); pure and jit-able. Differentiate w.r.t. params.
 
         Metrics (float32 scalars): `loss`, `recon`, `l0` (mean active latents per token),
         `dead_frac`, `explained_variance`, plus each term's own (e.g. `l1`, `aux`).
+        `skip_terms`: `LossTerm.NAME`s left out (their state entries unchanged), for the
+        gradient-share diagnostics (`jax_sae.diagnostics`).
         """
         hp = self.hparams
         model = self.model(compute_dtype)
@@ -380,6 +384,8 @@ class Variant:
             "explained_variance": recon.explained_variance(x, jax.lax.stop_gradient(fwd.x_hat)),
         }
         for term in self.spec.terms:
+            if term.NAME in skip_terms:
+                continue
             out = term(ctx, state)
             total = total + out.loss
             new_state.update(out.state)

@@ -303,8 +303,8 @@ def variant_case(name: str, rng: np.random.Generator, x: np.ndarray) -> tuple[di
     params = dict(v.init_params(jax.random.key(0)))
     params["b_enc"] = jnp.asarray(rng.normal(size=F) * 0.1, jnp.float32)
     params["b_dec"] = jnp.asarray(rng.normal(size=D) * 0.1, jnp.float32)
-    if "log_threshold" in params:
-        params["log_threshold"] = jnp.asarray(np.log(rng.uniform(0.05, 0.5, F)), jnp.float32)
+    if "threshold" in params:
+        params["threshold"] = jnp.asarray(rng.uniform(0.05, 0.5, F), jnp.float32)
     state = v.init_state()
     if "threshold" in state:  # batchtopk: its EMA inference threshold, set
         state = state | {"threshold": jnp.float32(0.2)}

@@ -75,8 +75,8 @@ def random_params(variant, seed=0, scale_b=0.3):
     params["W_enc"] = rng.normal(size=params["W_enc"].shape) / np.sqrt(variant.d_in)
     params["b_enc"] = scale_b * rng.normal(size=variant.d_sae)
     params["b_dec"] = scale_b * rng.normal(size=variant.d_in)
-    if "log_threshold" in params:
-        params["log_threshold"] = np.log(rng.uniform(0.05, 0.5, size=variant.d_sae))
+    if "threshold" in params:
+        params["threshold"] = rng.uniform(0.05, 0.5, size=variant.d_sae)
     return {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
 
 
@@ -333,7 +333,7 @@ def test_jumprelu_loss_and_threshold_gradient_match_numpy(target_l0):
     )  # fmt: skip
     params, x = random_params(variant), random_x()
     p = as64(params)
-    theta = np.exp(p["log_threshold"])
+    theta = p["threshold"]
     pre = np_pre(p, x)
     h = pre * (pre > theta)
     x_hat = np_decode(p, h)
@@ -346,7 +346,7 @@ def test_jumprelu_loss_and_threshold_gradient_match_numpy(target_l0):
     np.testing.assert_allclose(metrics["sparsity"], sparsity, rtol=1e-5)
     np.testing.assert_allclose(loss, np_recon(x, x_hat) + penalty * scale * sparsity, rtol=RTOL)
 
-    # d loss / d log_threshold = theta * d loss / d theta, with the pseudo-derivatives.
+    # d loss / d theta with the pseudo-derivatives (theta is the raw parameter).
     window = np_rectangle((pre - theta) / bw)
     g_h = 2 * (x_hat - x) / BATCH @ p["W_dec"].T
     g_theta_recon = np.sum(-(theta / bw) * window * g_h, axis=0)
@@ -354,7 +354,7 @@ def test_jumprelu_loss_and_threshold_gradient_match_numpy(target_l0):
     g_theta_l0 = penalty * scale * d_sparsity_d_l0 * np.sum(-(1 / bw) * window, axis=0) / BATCH
     grads = jax.grad(lambda prm: run_loss_traced(variant, prm, x, step))(params)
     np.testing.assert_allclose(
-        grads["log_threshold"], theta * (g_theta_recon + g_theta_l0), rtol=1e-4, atol=1e-6
+        grads["threshold"], g_theta_recon + g_theta_l0, rtol=1e-4, atol=1e-6
     )
 
 

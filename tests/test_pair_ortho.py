@@ -24,13 +24,15 @@ def np_select(scores, k):
 
 
 def np_penalty(w_dec, rows, cols, values, mode):
+    """(sum_selected t_ij |d_i . d_j| / F, its gradient): SPEC 3.7's sum form with N = 1/F."""
     d = np.asarray(w_dec, np.float64)
+    f = len(d)
     weight = 1 + values / values.max() if mode == "adaptive" else np.ones_like(values)
     dots = np.sum(d[rows] * d[cols], axis=1)
     grad = np.zeros_like(d)
-    np.add.at(grad, rows, (weight * np.sign(dots))[:, None] * d[cols] / len(rows))
-    np.add.at(grad, cols, (weight * np.sign(dots))[:, None] * d[rows] / len(rows))
-    return np.mean(weight * np.abs(dots)), grad
+    np.add.at(grad, rows, (weight * np.sign(dots))[:, None] * d[cols] / f)
+    np.add.at(grad, cols, (weight * np.sign(dots))[:, None] * d[rows] / f)
+    return np.sum(weight * np.abs(dots)) / f, grad
 
 
 def setup(seed=0, **hparams):
@@ -150,12 +152,10 @@ def test_training_beats_the_untrained_loss():
     step_fn = make_train_step(v, opt)
     params = v.init_params(jax.random.key(0))
     opt_state, state = opt.init(params), v.init_state()
-    losses, jaccards = [], []
+    losses = []
     for step in range(60):
         batch = {"x": data[(step % 8) * 64 : (step % 8 + 1) * 64]}
         params, opt_state, state, metrics = step_fn(params, opt_state, state, batch, step)
         losses.append(float(metrics["loss"]))
-        jaccards.append(float(metrics["pair_jaccard"]))
     assert np.isfinite(losses).all()
     assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8])
-    assert min(jaccards[1:]) >= 0 and max(jaccards) <= 1

@@ -46,7 +46,7 @@ def np_encode(p, x):
     return pre, np.maximum(pre, 0.0)
 
 
-def np_reference(p, batch, l_max, alpha="relative"):
+def np_reference(p, batch, l_max, gap_mode="relative"):
     """SPEC 3.8 in float64; L_max is updated with this batch BEFORE a is computed."""
     x = batch["x"]
     pre, h = np_encode(p, x)
@@ -56,7 +56,7 @@ def np_reference(p, batch, l_max, alpha="relative"):
     f_prev[batch["seq_start"]] = 0.0
     l_max = max(recon, HP["l_max_decay"] * l_max)
     gap = l_max - recon
-    a = 1 / (1 + np.exp(-HP["beta"] * (gap / l_max if alpha == "relative" else gap)))
+    a = 1 / (1 + np.exp(-HP["beta"] * (gap / l_max if gap_mode == "relative" else gap)))
     l1 = np.mean(np.sum(np.abs(h), axis=1))
     temporal = np.mean(np.sum(np.abs(h - f_prev), axis=1))
     pairs = ~batch["seq_start"]
@@ -91,19 +91,19 @@ def test_defaults_are_the_reference_ones_and_overridable():
     v = make_variant("temporal", d_in=2304, d_sae=VARIANTS["temporal"].suggested_d_sae(2304))
     expected = {"lambda_1": 0.04, "lambda_2": 0.02, "beta": 5.0, "l_max_decay": 0.99, "lr": 3e-4}
     assert {k: v.hparams[k] for k in expected} == expected
-    assert v.hparams["alpha"] == "relative" and v.d_sae == 2304
+    assert v.hparams["gap_mode"] == "relative" and v.d_sae == 2304
     assert v.batch_keys == ("x", "x_prev", "seq_start")
     assert float(v.init_state()["l_max"]) == 0.0
-    assert make_variant("temporal", D, F, alpha="absolute", lambda_1=0.1).hparams["lambda_1"] == 0.1
-    with pytest.raises(VariantError, match="alpha"):
-        make_variant("temporal", D, F, alpha="mean")
+    assert make_variant("temporal", D, F, gap_mode="absolute", lambda_1=0.1).hparams["lambda_1"] == 0.1
+    with pytest.raises(VariantError, match="gap_mode"):
+        make_variant("temporal", D, F, gap_mode="mean")
     with pytest.raises(VariantError, match="lambda_1"):
         make_variant("temporal", D, F, lambda_1=-1)
 
 
-@pytest.mark.parametrize("alpha", ["relative", "absolute"])
-def test_loss_terms_and_l_max_state_over_steps(alpha):
-    v = make_variant("temporal", D, F, alpha=alpha, **HP)
+@pytest.mark.parametrize("gap_mode", ["relative", "absolute"])
+def test_loss_terms_and_l_max_state_over_steps(gap_mode):
+    v = make_variant("temporal", D, F, gap_mode=gap_mode, **HP)
     p = random_params(0)
     loss_fn = jax.jit(v.loss)
     rng = np.random.default_rng(1)
@@ -112,7 +112,7 @@ def test_loss_terms_and_l_max_state_over_steps(alpha):
     # reconstruction error rises, falls, rises: L_max both takes the batch value and decays
     for step, scale in enumerate([1.0, 0.6, 0.9, 2.0, 1.0]):
         batch = random_batch(rng, scale)
-        ref = np_reference(p, batch, l_max, alpha)
+        ref = np_reference(p, batch, l_max, gap_mode)
         branches.append(ref["l_max"] == ref["recon"])
         l_max = ref["l_max"]
         loss, (state, metrics) = loss_fn(to_jax(p), state, to_jax(batch), step)

@@ -64,13 +64,18 @@ def np_auxk(x, x_hat, pre, dead, w_dec, k):
 def test_defaults_hparams_and_export_info():
     d_sae = VARIANTS["two_level"].suggested_d_sae(2304)
     v = make_variant("two_level", d_in=2304, d_sae=d_sae)
-    assert (v.hparams["k_c"], v.hparams["k_b"], v.hparams["F_c"]) == (8, 64, d_sae // 8)
+    assert (v.hparams["k_c"], v.hparams["k_b"], v.hparams["F_c"]) == (32, 288, d_sae // 64)
     assert v.hparams["lr"] == pytest.approx(gao_lr(2304, d_sae))
-    assert v.init_state()["concept_tokens_since_fired"].shape == (d_sae // 8,)
+    assert v.init_state()["concept_tokens_since_fired"].shape == (d_sae // 64,)
     v = make_variant("two_level", D, F, **HP)
     info = v.export_info(v.init_params(jax.random.key(0)), v.init_state())
     assert info == {"architecture": "two_level", "k_c": 3, "k_b": 10, "F_c": F_C}
-    for bad, match in [({"F_c": 7}, "F_c=7 must divide"), ({"k_c": 9}, "k_c"), ({"k_b": 0}, "k_b")]:
+    for bad, match in [
+        ({"F_c": 7}, "F_c=7 must divide"),
+        ({"k_c": 9}, "k_c"),
+        ({"k_b": 0}, "k_b"),
+        ({"k_c": 1, "k_b": 5}, "fewer than 2 k_b = 10"),  # 1 concept x 8 children < 10
+    ]:
         with pytest.raises(VariantError, match=match):
             make_variant("two_level", D, F, **{**HP, **bad})
 
@@ -253,3 +258,20 @@ def test_trains_through_the_real_train_step():
     assert after < 0.5 * before
     for name in ("W_dec", "W_dec_c"):
         np.testing.assert_allclose(np.linalg.norm(params[name], axis=1), 1.0, atol=1e-5)
+
+
+def test_base_topk_selects_at_the_defaults():
+    """SPEC 3.9 revised: at the default sizes the base TopK must cut the gated candidates down on
+    most tokens (with the former defaults, 8 concepts x 8 children = 64 = k_b, it never did)."""
+    d_in = 2304
+    d_sae = VARIANTS["two_level"].suggested_d_sae(d_in)
+    v = make_variant("two_level", d_in, d_sae)
+    params = v.init_params(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (64, d_in))
+    model = v.model()
+    pre = model.apply({"params": params}, x, method=model.pre_activation)
+    pre_c = model.apply({"params": params}, x, method=model.concept_pre_activation)
+    g = np.asarray(model.apply({"params": params}, pre, pre_c, method=model.activate_levels)[1])
+    children = np.asarray(pre).reshape(64, v.hparams["F_c"], -1)
+    candidates = np.sum((children > 0) & (g[:, :, None] > 0), axis=(1, 2))
+    assert np.mean(candidates > v.hparams["k_b"]) > 0.9

@@ -130,7 +130,7 @@ def test_standard_init_is_kaiming_uniform_with_unit_decoder_rows_and_zero_biases
 def test_jumprelu_init_threshold():
     variant = make_variant("jumprelu", D_IN, D_SAE, threshold_init=0.02)
     params = variant.init_params(jax.random.key(0))
-    np.testing.assert_allclose(np.exp(params["log_threshold"]), 0.02, rtol=1e-6)
+    np.testing.assert_allclose(params["threshold"], 0.02, rtol=1e-6)
     np.testing.assert_allclose(variant.params_to_arrays(params)["threshold"], 0.02, rtol=1e-6)
 
 
@@ -198,8 +198,8 @@ def test_params_from_arrays_rejects_missing_extra_and_misshapen():
         variant.params_from_arrays({**arrays, "extra": np.zeros(3)})
     with pytest.raises(VariantError, match="W_dec has shape"):
         variant.params_from_arrays({**arrays, "W_dec": arrays["W_dec"].T})
-    with pytest.raises(ValueError, match="threshold must be > 0"):
-        variant.params_from_arrays({**arrays, "threshold": np.zeros(D_SAE, np.float32)})
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        variant.params_from_arrays({**arrays, "threshold": np.full(D_SAE, -0.1, np.float32)})
 
 
 def test_export_info_per_variant():

@@ -47,8 +47,15 @@ class TermOutput(NamedTuple):
 
 
 class LossTerm:
-    """One additive term of a variant's loss, with its hyper-parameters and its state entries."""
+    """One additive term of a variant's loss, with its hyper-parameters and its state entries.
 
+    `NAME` labels the term's diagnostics (`grad_share/<NAME>`, `jax_sae.diagnostics`) and lets
+    `Variant.loss(skip_terms=...)` switch it off; `ACTS_ON` names the parameters whose gradient
+    share it reports (empty: the term adds no loss, only state).
+    """
+
+    NAME: ClassVar[str] = ""
+    ACTS_ON: ClassVar[tuple[str, ...]] = ()
     HPARAMS: ClassVar[Mapping[str, Any]] = {}
     CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     NULLABLE: ClassVar[frozenset[str]] = frozenset()

@@ -43,6 +43,8 @@ def auxk_loss(
 
 
 class AuxK(LossTerm):
+    NAME = "aux"
+    ACTS_ON = ("W_dec",)
     HPARAMS = {"k_aux": lambda d_in, d_sae: d_in // 2, "alpha_aux": 1 / 32}
 
     def check_hparams(self, hparams, d_in, d_sae):

@@ -4,18 +4,21 @@ State `firing_rate` f in [0, 1]^F, an EMA of how often each latent fires. Each s
 penalty is computed, with m = `rate_decay` (SPEC's m) and f = 0 at the start:
 
     r_i = mean_batch 1[h_i > 0]          f <- m f + (1 - m) r         (no gradient through f)
-    L_freq = lambda * mean_batch sum_i (1 + alpha * w_i) |h_i|
+    lambda * mean_batch sum_i (1 + alpha * w_i) |h_i|
+        = lambda * L1  (losses/l1.py, the `l1` term)  +  lambda * alpha * mean_batch sum_i w_i |h_i|
 
 with w = f (`freq_norm=none`, the default) or w_i = f_i / mean_j f_j (`freq_norm=mean`). Latents
 that fire often pay more per unit of activation, which pushes towards rarer, more specific
 latents. The sum runs over latents: the reference code averaged over them, which made the
-penalty ~F times too weak (its SAEs fired ~1800 of 2304 latents per token).
+penalty ~F times too weak (its SAEs fired ~1800 of 2304 latents per token). This file is the
+second summand, the frequency weighting that is the idea; the variant pairs it with the plain L1
+term, so the diagnostics report the share of each (`grad_share/l1`, `grad_share/freq`).
 
 `freq_norm=mean` when every f is 0 (only possible before any latent has fired): the normalised
 rates are defined as 0, so the penalty is the plain L1 penalty, as it is for f = 0 without the
 normalisation.
 
-Metrics: `l1` (unweighted), `freq_l1` (weighted, before lambda), `firing_rate_mean/max`, and the
+Metrics: `freq_l1` (weighted, before lambda; the `l1` term logs the unweighted one), `firing_rate_mean/max`, and the
 fraction of latents in each decade of f (`RATE_BINS`), so that the firing-rate histogram over
 training is in the metrics log (`jax_sae.plots` draws it).
 """
@@ -61,13 +64,15 @@ def rate_histogram(rate: jax.Array) -> dict[str, jax.Array]:
     return dict(zip(RATE_BINS, counts / rate.shape[0], strict=True))
 
 
-class FrequencyWeightedL1(LossTerm):
-    HPARAMS = {"lambda": 0.04, "alpha": 0.5, "rate_decay": 0.99, "freq_norm": "none"}
+class FrequencyWeighting(LossTerm):
+    """Reads `lambda` of the `l1` term it is paired with."""
+
+    NAME = "freq"
+    ACTS_ON = ("W_enc", "b_enc")
+    HPARAMS = {"alpha": 0.5, "rate_decay": 0.99, "freq_norm": "none"}
     CHOICES = {"freq_norm": ("none", "mean")}
 
     def check_hparams(self, hparams, d_in, d_sae):
-        if hparams["lambda"] < 0:
-            raise ValueError(f"lambda must be >= 0, got {hparams['lambda']}")
         if hparams["alpha"] < 0:
             raise ValueError(f"alpha must be >= 0, got {hparams['alpha']}")
         if not 0 <= hparams["rate_decay"] < 1:
@@ -79,14 +84,14 @@ class FrequencyWeightedL1(LossTerm):
     def __call__(self, ctx: LossContext, state) -> TermOutput:
         hp = ctx.hparams
         rate = update_firing_rate(state[STATE_KEY], ctx.fwd.h, hp["rate_decay"])
-        weights = 1.0 + hp["alpha"] * normalised_rate(rate, hp["freq_norm"])
+        extra = hp["alpha"] * normalised_rate(rate, hp["freq_norm"])
         magnitude = jnp.abs(ctx.fwd.h)
-        weighted = jnp.mean(jnp.sum(magnitude * weights, axis=-1))  # elementwise: exact f32 on GPU
+        weighted_extra = jnp.mean(jnp.sum(magnitude * extra, axis=-1))  # elementwise: exact f32
+        l1 = jnp.mean(jnp.sum(jax.lax.stop_gradient(magnitude), axis=-1))
         metrics = {
-            "l1": jnp.mean(jnp.sum(jax.lax.stop_gradient(magnitude), axis=-1)),
-            "freq_l1": weighted,
+            "freq_l1": l1 + jax.lax.stop_gradient(weighted_extra),
             "firing_rate_mean": jnp.mean(rate),
             "firing_rate_max": jnp.max(rate),
             **rate_histogram(rate),
         }
-        return TermOutput(hp["lambda"] * weighted, {STATE_KEY: rate}, metrics)
+        return TermOutput(hp["lambda"] * weighted_extra, {STATE_KEY: rate}, metrics)

@@ -2,35 +2,47 @@
 
 TopK SAE + AuxK plus, with unit decoder rows d_i and F latents,
 
-    L_ortho = lambda_2 / (F (F - 1)) * sum_{i != j} w_ij |d_i . d_j|
+    L_ortho = lambda_2 * N * sum_{i != j} w_ij |d_i . d_j|,      N = 1 / F
 
-Co-firing statistics of the batch, M = 1[h > 0] [B, F]: n_ij = (M^T M)_ij, n_j = n_jj.
-    c_ij = (n_ij / n_j) / (k / F)    (0 where n_j = 0; equal to the SPEC's n_ij / max(n_j, 1),
-                                      since n_ij <= n_j): how much more often i fires when j
-                                      fires than chance
-    w_ij = min(max(c_ij, c_ji), c_max),   diagonal excluded, no gradient through w.
+the seed's sum over pairs. N = 1/F makes the term the mean over latents of each latent's
+weighted overlap with its co-firing partners, so lambda_2 keeps its meaning across dictionary
+sizes (the earlier 1 / (F (F - 1)) average made the term 3e-8 of the decoder gradient at the
+defaults: inert). The default lambda_2 is calibrated so that at the default sizes (d 2304,
+F 18432, k 120) on normalised inputs the term's decoder-gradient share is in the SPEC's band of
+2% to 30% at initialisation (docs/variants.md gives the measurement).
+
+Co-firing statistics of the batch, M = 1[h > 0] [B, F]: n_ij = (M^T M)_ij, n_j = n_jj, and the
+chance rate p = k / F. Raw batch counts saturate: with p = 0.0065 one chance co-firing of two
+latents gives c = 1 / p = 153 >> c_max, so every co-firing pair would sit at c_max and the weights
+would not discriminate. The default smooths them with `prior_cofirings` = a pseudo-co-firings
+spread over a / p pseudo-tokens of chance behaviour (a Bayesian estimate of P(i | j) shrunk
+towards p):
+
+    c_ij = (n_ij + a) / (p n_j + a)       (how much more often i fires when j fires than chance;
+                                           a = 0 gives the SPEC's raw (n_ij / n_j) / p)
+    w_ij = min(max(c_ij, c_ji), c_max),   only for pairs that co-fire (n_ij > 0), diagonal
+                                          excluded, no gradient through w.
+
+With a = 0.25 a single chance co-firing weighs at most (1 + a) / a = 5 = c_max / 2, while a child
+that fires 3 times in the batch, always with its parent, reaches c_max: planted parent-child pairs
+outrank random co-firing pairs (tested on the hierarchy world).
 
 `competition` (which weights, and which latent of a pair gets the gradient):
-  max (default)  as above; d_i gets the true gradient 2 sum_j w_ij sign(d_i . d_j) d_j.
-  directional    same loss value; a pair with c_ij > c_ji sends its whole gradient to i, i.e. the
-                 pair's term is |d_i . stopgrad(d_j)| (d_i gets what max mode gives it, d_j gets
-                 nothing). c_ij / c_ji = n_i / n_j, so the latent that gets the gradient is the one
-                 that fires MORE often, the parent of a child that fires only with it. Ties
-                 (c_ij = c_ji, i.e. n_i = n_j, frequent with integer counts) carry no direction:
-                 both rows get the max-mode gradient.
-  symmetric      c_ij = n_ij / min(n_i, n_j) / (k / F) (0 where the minimum is 0) and
-                 w_ij = min(c_ij, c_max). Note n_ij / min(n_i, n_j) = max(n_ij / n_j, n_ij / n_i),
-                 so these weights equal max mode's exactly (tested): the SPEC's ablation is not
-                 a different model as written.
+  max (default)  as above; d_i gets the true gradient 2 N sum_j w_ij sign(d_i . d_j) d_j.
+  directional    same loss value; seed 001 reads a high c_ij as "the rarer latent j may be
+                 absorbing i": for c_ij > c_ji (n_i > n_j) only j gets the gradient, i.e. the
+                 pair's term is |stopgrad(d_i) . d_j|; ties (n_i = n_j) carry no direction, both
+                 rows get the max-mode gradient.
+  geometric      c_ij = (n_ij + a) / (p sqrt(n_i n_j) + a), w_ij = min(c_ij, c_max): a genuinely
+                 symmetric normalisation. (The former `symmetric`, n_ij / min(n_i, n_j), equals
+                 max(n_ij / n_j, n_ij / n_i), i.e. `max` exactly, and was removed.)
 
 `counts`:
   batch (default)  n from this batch only.
-  ema              state `cofire_rate` [F, F] and `fire_rate` [F], exponential moving averages
-                   (decay `counts_decay`, 0.99) of n_ij / B and n_j / B, both starting at 0 and
-                   updated before the loss; c uses them in place of n. The common zero-start bias
-                   factor (1 - decay^t) cancels in the ratio n_ij / n_j, so no bias correction is
-                   needed, and decay 0 reproduces `batch` exactly. Opt-in because the F x F state
-                   is unavoidable: 4 F^2 bytes (1.3 GiB at F = 18432, 16 GiB at F = 65536), and
+  ema              state `cofire_ema` [F, F] and `fire_ema` [F], exponential moving averages
+                   (decay `counts_decay`, 0.99) of the batch counts n_ij and n_j, both starting at 0
+                   and updated before the loss; c uses them in place of n. Decay 0 reproduces `batch` exactly. Opt-in because the F x F state is
+                   unavoidable: 4 F^2 bytes (1.3 GiB at F = 18432, 16 GiB at F = 65536), and
                    since every pair that co-fired recently has a weight, the penalty visits all
                    F^2 pairs: O(F^2 (B + d)) flops per step.
 
@@ -68,8 +80,10 @@ from jax_sae import blockwise
 from jax_sae.losses import LossContext, LossTerm, TermOutput
 from jax_sae.models import matmul
 
-COFIRE_KEY = "cofire_rate"
-FIRE_KEY = "fire_rate"
+LAMBDA_2_DEFAULT = 0.01
+"""Calibrated at the default sizes on normalised inputs (module docstring, docs/variants.md)."""
+COFIRE_KEY = "cofire_ema"
+FIRE_KEY = "fire_ema"
 
 
 def ratio(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -85,21 +99,27 @@ def competition_weights(
     chance: float,
     c_max: float,
     mode: str,
+    prior: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Pair weights w_ij and gradient shares gamma_ij (module docstring), broadcast elementwise.
 
-    `n_pair` co-firing of row latent i and column latent j, `n_row` firing of i, `n_col` of j.
+    `n_pair` co-firing of row latent i and column latent j, `n_row` firing of i, `n_col` of j,
+    `prior` the smoothing pseudo-co-firings a. Pairs that never co-fire get weight 0.
     The gradient of a pair's term |d_i . d_j| w.r.t. d_i is gamma_ij w_ij sign(d_i . d_j) d_j:
-    gamma = 2 is the true gradient of the symmetric sum; directional uses 2 or 0.
+    gamma = 2 is the true gradient of the symmetric sum; directional gives it to the rarer row
+    only (2 where n_i <= n_j, else 0).
     """
-    c_ij = ratio(n_pair, n_col) / chance
-    c_ji = ratio(n_pair, n_row) / chance
-    if mode == "symmetric":
-        weight = jnp.minimum(ratio(n_pair, jnp.minimum(n_row, n_col)) / chance, c_max)
+
+    def smoothed(reference: jax.Array) -> jax.Array:
+        return ratio(n_pair + prior, chance * reference + prior)
+
+    if mode == "geometric":
+        weight = smoothed(jnp.sqrt(n_row * n_col))
     else:
-        weight = jnp.minimum(jnp.maximum(c_ij, c_ji), c_max)
+        weight = jnp.maximum(smoothed(n_col), smoothed(n_row))
+    weight = jnp.where(n_pair > 0, jnp.minimum(weight, c_max), 0.0)
     if mode == "directional":
-        return weight, jnp.where(c_ij >= c_ji, 2.0, 0.0)
+        return weight, jnp.where(n_row <= n_col, 2.0, 0.0)
     return weight, jnp.full_like(weight, 2.0)
 
 
@@ -110,6 +130,7 @@ def token_pair_decoder_sum(
     chance: float,
     c_max: float,
     mode: str,
+    prior: float,
     token_chunk: int,
     compute_dtype=jnp.float32,
 ) -> tuple[jax.Array, jax.Array]:
@@ -135,7 +156,7 @@ def token_pair_decoder_sum(
         n_pair = blockwise.einsum("cpb,cqb->cpq", fires, fires, compute_dtype)
         n = counts[idx]
         weight, gamma = competition_weights(
-            n_pair, n[:, :, None], n[:, None, :], chance, c_max, mode
+            n_pair, n[:, :, None], n[:, None, :], chance, c_max, mode, prior
         )
         pair = ok[:, :, None] & ok[:, None, :] & off_diagonal
         per_token = jnp.where(pair, weight / jnp.maximum(n_pair, 1.0), 0.0)
@@ -169,6 +190,7 @@ def block_decoder_sum(
     chance: float,
     c_max: float,
     mode: str,
+    prior: float,
     block: int,
     compute_dtype=jnp.float32,
 ) -> tuple[jax.Array, jax.Array]:
@@ -183,7 +205,7 @@ def block_decoder_sum(
         gram = matmul(d_rows, w_dec.T, compute_dtype)  # [block, F]
         n_pair = pair_count_rows(source, rows, counts, compute_dtype)
         weight, gamma = competition_weights(
-            n_pair, fire[rows][:, None], fire[None, :], chance, c_max, mode
+            n_pair, fire[rows][:, None], fire[None, :], chance, c_max, mode, prior
         )
         keep = real[:, None] & (rows[:, None] != jnp.arange(n_latents)[None, :])
         weight = jnp.where(keep, weight, 0.0)
@@ -203,6 +225,7 @@ def activation_gram_sum(
     chance: float,
     c_max: float,
     mode: str,
+    prior: float,
     block: int,
     compute_dtype=jnp.float32,
 ) -> jax.Array:
@@ -219,7 +242,7 @@ def activation_gram_sum(
         fixed = lax.stop_gradient(gram)
         n_pair = pair_count_rows(source, rows, counts, compute_dtype)
         weight, gamma = competition_weights(
-            n_pair, fire[rows][:, None], fire[None, :], chance, c_max, mode
+            n_pair, fire[rows][:, None], fire[None, :], chance, c_max, mode, prior
         )
         weight = jnp.where(real[:, None], weight, 0.0)
         # value w A^2; gradient (row side only) gamma w d(A^2)
@@ -228,27 +251,30 @@ def activation_gram_sum(
     return jnp.sum(blockwise.map_blocks(block_sum, n_latents, block))
 
 
-def update_rates(
+def update_counts(
     cofire: jax.Array, fire: jax.Array, fires_t: jax.Array, decay: float, block: int, compute_dtype
 ) -> tuple[jax.Array, jax.Array]:
-    """EMA of n_ij / B and n_j / B (module docstring) from the [F, B] transposed firing mask, the
-    F x F part block by block."""
-    n_latents, n_tokens = fires_t.shape
+    """EMA of the batch counts n_ij and n_j (module docstring) from the [F, B] transposed firing
+    mask, the F x F part block by block."""
+    n_latents = fires_t.shape[0]
 
     def block_update(start):
         rows, _ = blockwise.block_rows(start, block, n_latents)
         batch = pair_count_rows(fires_t, rows, "batch", compute_dtype)
-        return decay * cofire[rows] + (1.0 - decay) * batch / n_tokens
+        return decay * cofire[rows] + (1.0 - decay) * batch
 
     new_cofire = blockwise.unblock(blockwise.map_blocks(block_update, n_latents, block), n_latents)
-    new_fire = decay * fire + (1.0 - decay) * jnp.sum(fires_t, axis=1) / n_tokens
+    new_fire = decay * fire + (1.0 - decay) * jnp.sum(fires_t, axis=1)
     return new_cofire, new_fire
 
 
 class HierarchicalOrthogonality(LossTerm):
+    NAME = "hier_ortho"
+    ACTS_ON = ("W_dec",)
     HPARAMS = {
-        "lambda_2": 0.01,
+        "lambda_2": LAMBDA_2_DEFAULT,
         "c_max": 10.0,
+        "prior_cofirings": 0.25,
         "competition": "max",
         "counts": "batch",
         "counts_decay": 0.99,
@@ -257,7 +283,7 @@ class HierarchicalOrthogonality(LossTerm):
         "token_chunk": 64,
     }
     CHOICES = {
-        "competition": ("max", "directional", "symmetric"),
+        "competition": ("max", "directional", "geometric"),
         "counts": ("batch", "ema"),
         "ortho_target": ("decoder", "activations"),
     }
@@ -265,7 +291,7 @@ class HierarchicalOrthogonality(LossTerm):
     def check_hparams(self, hparams, d_in, d_sae):
         if d_sae < 2:
             raise ValueError(f"hier_ortho needs d_sae >= 2 (pairs of latents), got {d_sae}")
-        for name in ("lambda_2", "c_max"):
+        for name in ("lambda_2", "c_max", "prior_cofirings"):
             if hparams[name] < 0:
                 raise ValueError(f"{name} must be >= 0, got {hparams[name]}")
         if not 0 <= hparams["counts_decay"] < 1:
@@ -293,10 +319,11 @@ class HierarchicalOrthogonality(LossTerm):
             "chance": hp["k"] / n_latents,
             "c_max": hp["c_max"],
             "mode": hp["competition"],
+            "prior": hp["prior_cofirings"],
             "compute_dtype": dtype,
         }
         if hp["counts"] == "ema":
-            cofire, fire = update_rates(
+            cofire, fire = update_counts(
                 state[COFIRE_KEY],
                 state[FIRE_KEY],
                 fires_t,
@@ -321,5 +348,5 @@ class HierarchicalOrthogonality(LossTerm):
             else:
                 fn, args = partial(block_decoder_sum, **block_options), (fire, source)
             total = blockwise.value_with_gradient(fn, ctx.params["W_dec"], args)
-            ortho = total / (n_latents * (n_latents - 1))
+            ortho = total / n_latents
         return TermOutput(hp["lambda_2"] * ortho, new_state, {"ortho": lax.stop_gradient(ortho)})

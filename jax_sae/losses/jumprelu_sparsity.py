@@ -20,6 +20,8 @@ def sparsity_scale(step, warmup_steps: int):
 
 
 class JumpReLUSparsity(LossTerm):
+    NAME = "sparsity"
+    ACTS_ON = ("threshold",)
     HPARAMS = {"sparsity_penalty": 1.0, "target_l0": 20.0, "sparsity_warmup_steps": 2000}
     NULLABLE = frozenset({"target_l0"})
 
@@ -33,7 +35,7 @@ class JumpReLUSparsity(LossTerm):
 
     def __call__(self, ctx: LossContext, state) -> TermOutput:
         hp = ctx.hparams
-        theta = jnp.exp(ctx.params["log_threshold"])
+        theta = ctx.params["threshold"]
         l0 = jnp.mean(jnp.sum(heaviside(ctx.fwd.pre, theta, hp["bandwidth"]), axis=-1))
         target = hp["target_l0"]
         sparsity = l0 if target is None else jnp.square(l0 / target - 1.0)

@@ -8,6 +8,9 @@ from jax_sae.losses import LossContext, LossTerm, TermOutput
 class L1Penalty(LossTerm):
     """`coefficient` names lambda's hyper-parameter: `temporal` (SPEC 3.8) calls it lambda_1."""
 
+    NAME = "l1"
+    ACTS_ON = ("W_enc", "b_enc")
+
     def __init__(self, coefficient: str = "lambda", default: float = 0.04) -> None:
         self.coefficient = coefficient
         self.HPARAMS = {coefficient: default}

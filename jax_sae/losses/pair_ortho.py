@@ -5,10 +5,17 @@ ReLU SAE + L1 plus, with unit decoder rows d_i:
     s_ij   = mean_batch h_i h_j   (i < j; no gradient: selection and weights are constants)
     S      = the K pairs with the largest s_ij, K = max(min_pairs, floor(rho * F (F - 1) / 2)),
              capped at F (F - 1) / 2
-    L_pair = tau * mean_{(i, j) in S} t_ij |d_i . d_j|
+    L_pair = tau * N * sum_{(i, j) in S} t_ij |d_i . d_j|,      N = 1 / F
 
 with t_ij = 1 (`tau_mode=fixed`) or t_ij = 1 + s_ij / max s (`tau_mode=adaptive`, max over all
 pairs i < j, i.e. the first selected score; the ratio is 0 when max s <= 0).
+
+Normalisation: the seed gave no formula; the earlier mean over the K selected pairs with tau 0.1
+was 2e-6 of the decoder gradient at the defaults (inert), because K grows like F^2. With N = 1/F
+the term is the mean over latents of the overlap each latent has with its selected partners, so
+tau keeps its meaning across F. The default tau is calibrated so that at the defaults (d = F =
+2304) on normalised inputs the term's decoder-gradient share is in the SPEC's band of 2% to 30% at
+initialisation (docs/variants.md gives the measurement).
 
 `score_ema=true` selects on an exponential moving average of the scores instead (state
 `pair_scores` [F, F], decay `score_ema_decay` 0.95, starting at 0 and updated before the
@@ -28,7 +35,7 @@ efficiency of the encoder matmul: this, not the selection, is the overhead.
 
 Stability: state `pair_prev_rows`/`pair_prev_cols` [K] hold the previous step's selection; the
 metric `pair_jaccard` = |S_t & S_{t-1}| / |S_t | S_{t-1}| (0 at the first step, which has none).
-Other metrics: `pair_ortho` = L_pair / tau (mean_S t_ij |d_i . d_j|) and `pair_score_max` = max s.
+Other metrics: `pair_ortho` = L_pair / tau and `pair_score_max` = max s.
 """
 
 import jax
@@ -39,6 +46,8 @@ from jax_sae import blockwise
 from jax_sae.losses import LossContext, LossTerm, TermOutput
 from jax_sae.models import matmul
 
+TAU_DEFAULT = 0.1
+"""Calibrated at the default sizes on normalised inputs (module docstring, docs/variants.md)."""
 SCORES_KEY = "pair_scores"
 PREV_ROWS_KEY = "pair_prev_rows"
 PREV_COLS_KEY = "pair_prev_cols"
@@ -110,8 +119,10 @@ def update_scores(
 
 
 class PairOrthogonality(LossTerm):
+    NAME = "pair_ortho"
+    ACTS_ON = ("W_dec",)
     HPARAMS = {
-        "tau": 0.1,
+        "tau": TAU_DEFAULT,
         "tau_mode": "fixed",
         "rho": 0.001,
         "min_pairs": 10,
@@ -180,7 +191,7 @@ class PairOrthogonality(LossTerm):
             weight = 1.0 + relative
         else:
             weight = jnp.ones_like(top.values)
-        args = (top.rows, top.cols, weight / k)
+        args = (top.rows, top.cols, weight / n_latents)
         penalty = blockwise.value_with_gradient(selected_pairs_sum, ctx.params["W_dec"], args)
         new_state[PREV_ROWS_KEY], new_state[PREV_COLS_KEY] = top.rows, top.cols
         metrics = {

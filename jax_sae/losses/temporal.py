@@ -5,8 +5,8 @@ The batch carries each token's predecessor in its own sequence: `x_prev` [B, d] 
 
     f_prev = stop_gradient(encode(x_prev)),  0 where seq_start
     L_max  <- max(L_recon, m * L_max)                     (state `l_max`, m = `l_max_decay`)
-    a      = stop_gradient(sigmoid(beta * (L_max - L_recon) / L_max))     (`alpha=relative`)
-           = stop_gradient(sigmoid(beta * (L_max - L_recon)))             (`alpha=absolute`)
+    a      = stop_gradient(sigmoid(beta * (L_max - L_recon) / L_max))     (`gap_mode=relative`)
+           = stop_gradient(sigmoid(beta * (L_max - L_recon)))             (`gap_mode=absolute`)
     L_temporal = lambda_2 * a * mean_batch ||h - f_prev||_1
 
 Ordering, decided here: each step FIRST folds this batch's L_recon into L_max, THEN computes a
@@ -53,9 +53,9 @@ def update_l_max(recon: jax.Array, l_max: jax.Array, decay: float) -> tuple[jax.
     return jnp.maximum(recon, decayed), jnp.maximum(decayed - recon, 0.0)
 
 
-def adaptive_weight(gap: jax.Array, l_max: jax.Array, beta: float, alpha: str) -> jax.Array:
+def adaptive_weight(gap: jax.Array, l_max: jax.Array, beta: float, gap_mode: str) -> jax.Array:
     """a = sigmoid(beta * gap [/ L_max]) for the updated L_max (0 / 0 := 0: a = 0.5)."""
-    if alpha == "relative":
+    if gap_mode == "relative":
         gap = gap / jnp.where(l_max > 0, l_max, 1.0)
     return jax.nn.sigmoid(beta * gap)
 
@@ -81,8 +81,10 @@ def adjacent_stability(
 
 
 class TemporalConsistency(LossTerm):
-    HPARAMS = {"lambda_2": 0.02, "beta": 5.0, "l_max_decay": 0.99, "alpha": "relative"}
-    CHOICES = {"alpha": ("relative", "absolute")}
+    NAME = "temporal"
+    ACTS_ON = ("W_enc", "b_enc")
+    HPARAMS = {"lambda_2": 0.02, "beta": 5.0, "l_max_decay": 0.99, "gap_mode": "relative"}
+    CHOICES = {"gap_mode": ("relative", "absolute")}
 
     def check_hparams(self, hparams, d_in, d_sae):
         if hparams["lambda_2"] < 0:
@@ -97,7 +99,7 @@ class TemporalConsistency(LossTerm):
         hp = ctx.hparams
         h_prev = predecessor_codes(ctx)
         l_max, gap = update_l_max(ctx.recon, state[STATE_KEY], hp["l_max_decay"])
-        a = adaptive_weight(gap, l_max, hp["beta"], hp["alpha"])
+        a = adaptive_weight(gap, l_max, hp["beta"], hp["gap_mode"])
         distance = jnp.mean(jnp.sum(jnp.abs(ctx.fwd.h - h_prev), axis=-1))
         codes = jax.lax.stop_gradient(ctx.fwd.h)
         metrics = {

@@ -23,6 +23,9 @@ STATE_KEY = "concept_tokens_since_fired"
 class ConceptAuxK(LossTerm):
     """Needs the `TwoLevelSAE` architecture and the `AuxK` term (for `k_aux`, `alpha_aux`)."""
 
+    NAME = "aux_c"
+    ACTS_ON = ("W_dec_c",)
+
     def init_state(self, d_in, d_sae, hparams):
         return {STATE_KEY: jnp.zeros((hparams["F_c"],), jnp.float32)}
 
