@@ -141,11 +141,12 @@ def test_smoothing_keeps_chance_cofirings_below_c_max():
     n = jnp.asarray([1.0, 1.0, 3.0, 40.0])
     n_pair = jnp.asarray([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0],
                           [0.0, 0.0, 3.0, 3.0], [0.0, 0.0, 3.0, 40.0]])  # fmt: skip
-    w, _ = hier_ortho.competition_weights(n_pair, n[:, None], n[None, :], chance, c_max, "max", 0.25)
+    args = (n_pair, n[:, None], n[None, :], chance, c_max, "max")
+    w, _ = hier_ortho.competition_weights(*args, 0.25)
     assert float(w[0, 1]) == pytest.approx(1.25 / (chance + 0.25), rel=1e-6)
     assert float(w[0, 1]) < c_max / 2 and float(w[2, 3]) == c_max
     assert float(w[0, 2]) == 0.0  # never co-fired
-    raw, _ = hier_ortho.competition_weights(n_pair, n[:, None], n[None, :], chance, c_max, "max")
+    raw, _ = hier_ortho.competition_weights(*args)
     assert float(raw[0, 1]) == c_max  # what the smoothing fixes: raw counts saturate
 
 

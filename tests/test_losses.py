@@ -353,9 +353,7 @@ def test_jumprelu_loss_and_threshold_gradient_match_numpy(target_l0):
     d_sparsity_d_l0 = 1.0 if target_l0 is None else 2 * (l0 / target_l0 - 1) / target_l0
     g_theta_l0 = penalty * scale * d_sparsity_d_l0 * np.sum(-(1 / bw) * window, axis=0) / BATCH
     grads = jax.grad(lambda prm: run_loss_traced(variant, prm, x, step))(params)
-    np.testing.assert_allclose(
-        grads["threshold"], g_theta_recon + g_theta_l0, rtol=1e-4, atol=1e-6
-    )
+    np.testing.assert_allclose(grads["threshold"], g_theta_recon + g_theta_l0, rtol=1e-4, atol=1e-6)
 
 
 def test_jumprelu_sparsity_warmup_is_linear_then_constant():

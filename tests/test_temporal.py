@@ -94,7 +94,8 @@ def test_defaults_are_the_reference_ones_and_overridable():
     assert v.hparams["gap_mode"] == "relative" and v.d_sae == 2304
     assert v.batch_keys == ("x", "x_prev", "seq_start")
     assert float(v.init_state()["l_max"]) == 0.0
-    assert make_variant("temporal", D, F, gap_mode="absolute", lambda_1=0.1).hparams["lambda_1"] == 0.1
+    absolute = make_variant("temporal", D, F, gap_mode="absolute", lambda_1=0.1)
+    assert absolute.hparams["lambda_1"] == 0.1
     with pytest.raises(VariantError, match="gap_mode"):
         make_variant("temporal", D, F, gap_mode="mean")
     with pytest.raises(VariantError, match="lambda_1"):

@@ -18,9 +18,9 @@ term, so the diagnostics report the share of each (`grad_share/l1`, `grad_share/
 rates are defined as 0, so the penalty is the plain L1 penalty, as it is for f = 0 without the
 normalisation.
 
-Metrics: `freq_l1` (weighted, before lambda; the `l1` term logs the unweighted one), `firing_rate_mean/max`, and the
-fraction of latents in each decade of f (`RATE_BINS`), so that the firing-rate histogram over
-training is in the metrics log (`jax_sae.plots` draws it).
+Metrics: `freq_l1` (weighted, before lambda; the `l1` term logs the unweighted one),
+`firing_rate_mean/max`, and the fraction of latents in each decade of f (`RATE_BINS`), so that
+the firing-rate histogram over training is in the metrics log (`jax_sae.plots` draws it).
 """
 
 import jax

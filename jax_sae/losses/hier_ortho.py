@@ -41,7 +41,8 @@ outrank random co-firing pairs (tested on the hierarchy world).
   batch (default)  n from this batch only.
   ema              state `cofire_ema` [F, F] and `fire_ema` [F], exponential moving averages
                    (decay `counts_decay`, 0.99) of the batch counts n_ij and n_j, both starting at 0
-                   and updated before the loss; c uses them in place of n. Decay 0 reproduces `batch` exactly. Opt-in because the F x F state is
+                   and updated before the loss; c uses them in place of n. Decay 0 reproduces
+                   `batch` exactly. Opt-in because the F x F state is
                    unavoidable: 4 F^2 bytes (1.3 GiB at F = 18432, 16 GiB at F = 65536), and
                    since every pair that co-fired recently has a weight, the penalty visits all
                    F^2 pairs: O(F^2 (B + d)) flops per step.
