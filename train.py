@@ -29,6 +29,8 @@ from tqdm import tqdm
 from jax_sae import plots, runs
 from jax_sae.checkpoint import CheckpointError, Checkpoints
 from jax_sae.data import ActivationCache, CacheError, hook_name
+from jax_sae.defaults import adapt_hparams
+from jax_sae.diagnostics import make_grad_shares
 from jax_sae.evaluate import EVAL_BATCH, evaluate
 from jax_sae.loader import (
     DEFAULT_BUFFER_CHUNKS,
@@ -39,7 +41,7 @@ from jax_sae.loader import (
 )
 from jax_sae.optim import make_optimizer
 from jax_sae.train_step import make_train_step
-from jax_sae.variants import VARIANTS, VariantError, make_variant
+from jax_sae.variants import VARIANTS, VariantError, make_variant, variant_spec
 
 DEFAULT_EVAL_TOKENS = 65536
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -86,7 +88,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compute-dtype", choices=list(COMPUTE_DTYPES), default="float32")
-    p.add_argument("--normalize", action="store_true", help="scale inputs to E||x||^2 = d_in")
+    p.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="scale inputs to E||x||^2 = d_in (default; --no-normalize trains on raw activations, "
+        "as the reference template did)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument(
@@ -128,15 +136,13 @@ def build_config(args: argparse.Namespace) -> tuple[dict, Any, Loader]:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+    spec = variant_spec(args.variant)
     cache = ActivationCache(args.cache)
     overrides = parse_overrides(args.set)
     if args.dead_tokens is not None:
         overrides["dead_tokens"] = args.dead_tokens
     d_in = cache.d_model
     d_sae = overrides.pop("d_sae", None)
-    if d_sae is None:
-        d_sae = VARIANTS[args.variant].suggested_d_sae(d_in) if args.variant in VARIANTS else d_in
-    variant = make_variant(args.variant, d_in, d_sae, **overrides)
     scale = norm_scale(cache, args.layer) if args.normalize else 1.0
     eval_tokens = args.eval_tokens
     if eval_tokens is None:
@@ -147,14 +153,25 @@ def build_config(args: argparse.Namespace) -> tuple[dict, Any, Loader]:
         batch_size=args.batch_size,
         seed=args.seed,
         eval_tokens=eval_tokens,
-        batch_keys=variant.batch_keys,
+        batch_keys=spec.batch_keys,
         scale=scale,
     )
     tokens = args.tokens or (args.steps or 0) * args.batch_size or loader.n_train
     steps = args.steps or math.ceil(tokens / args.batch_size)
+    adapted = adapt_hparams(
+        args.variant,
+        d_in,
+        steps=steps,
+        batch_size=args.batch_size,
+        overrides=overrides,
+        d_sae=d_sae,
+    )
+    variant = make_variant(args.variant, d_in, adapted.d_sae, **adapted.overrides)
     config = {
         "variant": variant.name,
         "hparams": dict(variant.hparams),
+        "adapted_defaults": adapted.notes,
+        "warnings": adapted.warnings,
         "d_in": d_in,
         "d_sae": variant.d_sae,
         "layer": args.layer,
@@ -233,6 +250,10 @@ class MetricsWindow:
         bad = int(self.first_bad)
         return bad + 1 if bad >= 0 else None
 
+    def restart_clock(self, done: int) -> None:
+        """Start timing the next interval now (diagnostics between intervals are not steps)."""
+        self.since = (done, time.perf_counter())
+
     def flush(self, done: int) -> tuple[dict, float]:
         """The interval's mean metrics as a metrics.jsonl record, and its tokens/s."""
         means = {k: float(v) / self.count for k, v in jax.device_get(self.sums).items()}
@@ -268,6 +289,7 @@ def train(config: dict, variant: Any, loader: Loader, out: Path, resume: bool) -
         lr=hp["lr"], warmup_steps=hp["warmup_steps"], total_steps=steps, decay=hp["lr_decay"]
     )
     step_fn = make_train_step(variant, opt, COMPUTE_DTYPES[config["compute_dtype"]])
+    grad_shares = make_grad_shares(variant, COMPUTE_DTYPES[config["compute_dtype"]])
     state = initial_state(config, variant, opt, loader)
     metrics_log = runs.MetricsLog(out / runs.METRICS)
     start, record = 0, None
@@ -300,16 +322,19 @@ def train(config: dict, variant: Any, loader: Loader, out: Path, resume: bool) -
             record = {"step": done, "config_hash": config["config_hash"], "loader_step": done}
             checkpoints.save(done, host_copy(state), record)
 
-        bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=steps, initial=start, unit="step", dynamic_ncols=True, desc=f"train {out.name}"
+        )
         with bar, loader.batches(start, steps) as batches:
             done, in_flight = start, None
             try:
                 for step in range(start, steps):
+                    batch = next(batches)
                     params, opt_state, reg_state, metrics = step_fn(
                         state["params"],
                         state["opt_state"],
                         state["reg_state"],
-                        next(batches),
+                        batch,
                         jnp.int32(step),
                     )
                     state |= {"params": params, "opt_state": opt_state, "reg_state": reg_state}
@@ -322,12 +347,18 @@ def train(config: dict, variant: Any, loader: Loader, out: Path, resume: bool) -
                     if done % config["log_every"] == 0 or done == steps:
                         stop_if_not_finite()
                         record, tokens_per_s = window.flush(done)
+                        shares = grad_shares(
+                            state["params"], state["reg_state"], batch, jnp.int32(step)
+                        )
+                        record |= {key: float(value) for key, value in shares.items()}
+                        window.restart_clock(done)
                         metrics_log.append(record)
                         bar.set_postfix(
                             loss=f"{record['loss']:.4g}",
                             L0=f"{record['l0']:.1f}",
                             dead=f"{record['dead_frac']:.3f}",
                             tok_s=f"{tokens_per_s:.3g}",
+                            **{key.split("/")[1]: f"{value:.1%}" for key, value in shares.items()},
                         )
                     if done % config["checkpoint_every"] == 0 or done == steps:
                         save(done)
@@ -415,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         config, variant, loader = build_config(args)
         out = Path(args.out or f"runs/{args.variant}_L{args.layer}")
         prepare_run_dir(out, config, args.resume)
+        for note in config["adapted_defaults"]:
+            print(f"default adapted: {note}", file=sys.stderr)
+        for warning in config["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
         params, reg_state, record = train(config, variant, loader, out, args.resume)
         info = finish(config, variant, loader, out, params, reg_state, record)
     except ONE_LINE_ERRORS as error:

@@ -67,19 +67,33 @@ def register_plot(*variants: str) -> Callable[[PlotFn], PlotFn]:
     return register
 
 
+GRAD_SHARE_PREFIX = "grad_share/"
+
+
 def training_curves(records: list[dict], out_dir: Path, title: str = "") -> Path | None:
-    """``training_curves.png``: one panel per logged metric of ``CURVES`` against tokens."""
+    """``training_curves.png``: one panel per logged metric of ``CURVES`` against tokens, every
+    logged point marked, plus one panel with each regulariser's gradient share
+    (``jax_sae.diagnostics``) on a log scale, so an inert term is visible at a glance."""
     panels = []
     for key, (label, scale) in CURVES.items():
-        points = [(r["tokens"], r[key]) for r in records if key in r and np.isfinite(r[key])]
-        if points:
-            panels.append((label, scale, np.array(points).T))
+        series = metric_series(records, key)
+        if len(series[0]):
+            panels.append((label, scale, {key: series}))
+    shares = sorted({k for r in records for k in r if k.startswith(GRAD_SHARE_PREFIX)})
+    share_series = {k.removeprefix(GRAD_SHARE_PREFIX): metric_series(records, k) for k in shares}
+    share_series = {k: v for k, v in share_series.items() if len(v[0])}
+    if share_series:
+        panels.append(("gradient share", "log", share_series))
     if not panels:
         return None
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True)
-    for ax, (label, scale, (tokens, values)) in zip(np.atleast_1d(axes), panels, strict=True):
-        ax.plot(tokens, values)
-        ax.set(ylabel=label, yscale="log" if scale == "log" and (values > 0).all() else "linear")
+    for ax, (label, scale, series) in zip(np.atleast_1d(axes), panels, strict=True):
+        positive = all((values > 0).all() for _, values in series.values())
+        for name, (tokens, values) in series.items():
+            ax.plot(tokens, values, marker=".", label=name)
+        ax.set(ylabel=label, yscale="log" if scale == "log" and positive else "linear")
+        if label == "gradient share":
+            ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[-1].set_xlabel("training tokens")
     fig.suptitle(title)

@@ -221,17 +221,22 @@ def resolve_hparams(
     return hparams
 
 
+def variant_spec(name: str) -> VariantSpec:
+    """The registry entry of `name`; VariantError naming the valid variants if there is none."""
+    if name not in VARIANTS:
+        raise VariantError(f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
 def make_variant(name: str, d_in: int, d_sae: int, **hparams: Any) -> "Variant":
     """Build variant `name` for inputs of size d_in with d_sae latents; `hparams` override defaults.
 
     Unknown variant or hyper-parameter -> VariantError (a ValueError) naming it and the valid ones.
     """
-    if name not in VARIANTS:
-        raise VariantError(f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    spec = variant_spec(name)
     for size_name, size in (("d_in", d_in), ("d_sae", d_sae)):
         if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
             raise VariantError(f"{size_name} must be a positive integer, got {size!r}")
-    spec = VARIANTS[name]
     resolved = resolve_hparams(name, spec, int(d_in), int(d_sae), hparams)
     return Variant(name, int(d_in), int(d_sae), MappingProxyType(resolved), spec)
 
