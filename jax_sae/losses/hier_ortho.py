@@ -81,7 +81,7 @@ from jax_sae import blockwise
 from jax_sae.losses import LossContext, LossTerm, TermOutput
 from jax_sae.models import matmul
 
-LAMBDA_2_DEFAULT = 0.01
+LAMBDA_2_DEFAULT = 1.0
 """Calibrated at the default sizes on normalised inputs (module docstring, docs/variants.md)."""
 COFIRE_KEY = "cofire_ema"
 FIRE_KEY = "fire_ema"
