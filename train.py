@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,13 @@ from jax_sae.loader import (
 )
 from jax_sae.optim import make_optimizer
 from jax_sae.train_step import make_train_step
-from jax_sae.variants import VARIANTS, VariantError, make_variant, variant_spec
+from jax_sae.variants import (
+    VARIANTS,
+    VariantError,
+    describe_hparams,
+    make_variant,
+    variant_spec,
+)
 
 DEFAULT_EVAL_TOKENS = 65536
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -68,8 +75,25 @@ ONE_LINE_ERRORS = (
 """Bad input or a stopped run: reported as one ``error:`` line, exit status 2."""
 
 
+def variants_help() -> str:
+    """Every variant with its hyper-parameters and defaults, for the end of ``--help``."""
+    lines = [
+        "variants and hyper-parameters (--set KEY=VALUE; defaults for d_in 2304, sizes adapt to",
+        "other d_in and warm-ups to the run length; formulas and reasons in docs/variants.md):",
+    ]
+    for name, spec in VARIANTS.items():
+        lines.append(f"  {name}: {spec.description}; d_sae {spec.suggested_d_sae(2304)}")
+        text = ", ".join(describe_hparams(name))
+        lines.append(
+            textwrap.fill(text, width=98, initial_indent="      ", subsequent_indent="      ")
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=variants_help(), formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--cache", required=True, help="activation cache folder (make extract)")
     p.add_argument("--layer", type=int, required=True, help="layer of the cache to train on")
     p.add_argument("--variant", required=True, help=f"one of: {', '.join(VARIANTS)}")

@@ -228,6 +228,22 @@ def variant_spec(name: str) -> VariantSpec:
     return VARIANTS[name]
 
 
+def describe_hparams(name: str, d_in: int = 2304) -> list[str]:
+    """`key=default` (with the allowed values of string options) for every hyper-parameter of
+    variant `name` at its reference size for d_in; for `--help` and the docs."""
+    spec = variant_spec(name)
+    choices: dict[str, tuple[str, ...]] = {"lr_decay": tuple(DECAYS)}
+    for source in spec.hparam_sources():
+        choices.update(getattr(source, "CHOICES", {}))
+    hparams = make_variant(name, d_in, spec.suggested_d_sae(d_in)).hparams
+    return [
+        f"{key}={value:.3g}"
+        if isinstance(value, float)
+        else f"{key}={value}" + (f" ({'|'.join(choices[key])})" if key in choices else "")
+        for key, value in hparams.items()
+    ]
+
+
 def make_variant(name: str, d_in: int, d_sae: int, **hparams: Any) -> "Variant":
     """Build variant `name` for inputs of size d_in with d_sae latents; `hparams` override defaults.
 
