@@ -237,7 +237,7 @@ def describe_hparams(name: str, d_in: int = 2304) -> list[str]:
         choices.update(getattr(source, "CHOICES", {}))
     hparams = make_variant(name, d_in, spec.suggested_d_sae(d_in)).hparams
     return [
-        f"{key}={value:.3g}"
+        f"{key}={value:.4g}"
         if isinstance(value, float)
         else f"{key}={value}" + (f" ({'|'.join(choices[key])})" if key in choices else "")
         for key, value in hparams.items()
