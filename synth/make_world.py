@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from jax_sae.data import MANIFEST, CacheError, CacheWriter
-from synth import worlds
+from synth import WORLDS
 
 LAYER = 0
 GROUND_TRUTH = "ground_truth.safetensors"
@@ -65,6 +65,8 @@ def shard_arrays(
     model, n_sequences: int, seq_len: int, persistence: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
     """Activations [n, d] float32, token ids [n] and true codes [n, F] (CSR) of one shard."""
+    from synth import worlds
+
     torch.manual_seed(seed)
     per_batch = max(1, BATCH_ELEMENTS // (model.cfg.num_features * seq_len))
     acts, tokens, codes_csr = [], [], []
@@ -119,12 +121,14 @@ def ground_truth(model, parent, heldout: list[sp.csr_matrix], offset: int) -> di
 
 def build_world(args: argparse.Namespace) -> Path:
     """Write the world's cache, SAELens world and ground truth; returns the output folder."""
-    from sae_lens.synthetic import SyntheticModel
-    from tqdm.auto import tqdm
-
     out, world, seq_len = Path(args.out), args.world, args.seq_len
     model_name = MODEL_PREFIX + world
     check_out_dir(out, model_name, args.resume, args.force)
+    from sae_lens.synthetic import SyntheticModel  # slow import: after the quick refusals
+    from tqdm.auto import tqdm
+
+    from synth import worlds
+
     config = worlds.world_config(world, args.d_model, args.features, args.seed)
     persistence = worlds.persistence_of(world)
     n_sequences = -(-args.tokens // seq_len)
@@ -189,7 +193,7 @@ def build_world(args: argparse.Namespace) -> Path:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world", required=True, choices=worlds.WORLDS)
+    p.add_argument("--world", required=True, choices=WORLDS)
     p.add_argument("--out", required=True, type=Path, help="output folder (the cache)")
     p.add_argument("--tokens", type=int, default=1_000_000, help="rounded up to whole sequences")
     p.add_argument("--d-model", type=int, default=256, help="activation dimension d")

@@ -24,7 +24,8 @@ from sae_lens.synthetic import (
     register_firing_probability,
 )
 
-WORLDS = ("basic", "hierarchy", "temporal", "zipf")
+from synth import WORLDS
+
 MEAN_MAGNITUDE, STD_MAGNITUDE = 1.0, 0.25
 BIAS_NORM = 1.0
 # basic and temporal: each feature's firing probability uniform in [0.001, 0.015] (mean L0 ~ F/128)
