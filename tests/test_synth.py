@@ -29,11 +29,25 @@ SIZE += ["--shard-tokens", str(SHARD), "--quiet"]
 
 BUILD_SCRIPT = """
 import json, sys
+from jax_sae.data import CacheWriter
 from synth.make_world import main
 root, size = sys.argv[1], json.loads(sys.argv[2])
 for world in ("basic", "hierarchy", "temporal", "zipf"):
     assert main(["--world", world, "--out", f"{root}/{world}", *size]) == 0
 assert main(["--world", "basic", "--out", f"{root}/basic_again", *size]) == 0
+# a build killed after two shards, then resumed
+write_shard = CacheWriter.write_shard
+def dying(self, *args):
+    if self.n_shards == 2:
+        raise KeyboardInterrupt
+    write_shard(self, *args)
+CacheWriter.write_shard = dying
+try:
+    main(["--world", "basic", "--out", f"{root}/basic_resumed", *size])
+except KeyboardInterrupt:
+    pass
+CacheWriter.write_shard = write_shard
+assert main(["--world", "basic", "--out", f"{root}/basic_resumed", "--resume", *size]) == 0
 """
 
 
@@ -104,12 +118,16 @@ def test_world_is_a_readable_cache_with_ground_truth(built, world):
     assert ("parent" in truth) == (world == "hierarchy")
 
 
-def test_builds_are_deterministic(built):
-    for kind in ("L0", "tokens", "positions"):
-        for file in sorted((built / "basic" / kind).iterdir()):
-            assert file.read_bytes() == (built / "basic_again" / kind / file.name).read_bytes()
-    a, b = (load_file(built / w / "ground_truth.safetensors") for w in ("basic", "basic_again"))
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+@pytest.mark.parametrize("copy", ["basic_again", "basic_resumed"])
+def test_builds_are_deterministic_and_resume_exactly(built, copy):
+    files = [
+        f for kind in ("L0", "tokens", "positions") for f in (built / "basic" / kind).iterdir()
+    ]
+    assert len(files) == 9
+    for file in files + [built / "basic" / "manifest.json"]:
+        assert file.read_bytes() == (built / copy / file.relative_to(built / "basic")).read_bytes()
+    a, b = (load_file(built / w / "ground_truth.safetensors") for w in ("basic", copy))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_temporal_persistence_acts_and_keeps_the_firing_rates(built):
