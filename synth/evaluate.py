@@ -182,6 +182,10 @@ def evaluate_run(run_dir: Path, world: Path | None, samples: int, device: str) -
     return result
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def summary(result: dict) -> str:
     """One line per headline number."""
     s = result["saelens"]
@@ -190,18 +194,16 @@ def summary(result: dict) -> str:
         f"L0 {s['sae_l0']:.1f} (true {s['true_l0']:.1f})  dead {s['dead_latents']}  "
         f"expl. var. {s['explained_variance']:.3f}  shrinkage {s['shrinkage']:.3f}",
         f"per-latent classification F1 {s['classification']['f1_score']:.3f}; per true feature "
-        f"F1 {result['true_feature_detection']['f1']:.3f}",
+        f"F1 {_fmt(result['true_feature_detection']['f1'])}",
     ]
     if "absorption" in result:
         a = result["absorption"]
-        mean = "n/a" if a["mean"] is None else f"{a['mean']:.3f}"
-        lines.append(f"absorption {mean} over {a['n_pairs']} parent-child pairs")
-    j = result["adjacent_jaccard"]
-    lines.append(f"adjacent-token Jaccard: SAE {j['sae']}, ground truth {j['ground_truth']}")
-    r = result["firing_rate_spread"]
+        lines.append(f"absorption {_fmt(a['mean'])} over {a['n_pairs']} parent-child pairs")
+    j, r = result["adjacent_jaccard"], result["firing_rate_spread"]
+    lines.append(f"adjacent-token Jaccard: SAE {_fmt(j['sae'])}, truth {_fmt(j['ground_truth'])}")
     lines.append(
-        f"std log10 firing rate: SAE {r['sae']['std_log10_rate']}, "
-        f"ground truth {r['ground_truth']['std_log10_rate']}"
+        f"std log10 firing rate: SAE {_fmt(r['sae']['std_log10_rate'])}, "
+        f"truth {_fmt(r['ground_truth']['std_log10_rate'])}"
     )
     return "\n".join(lines)
 

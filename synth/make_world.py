@@ -2,7 +2,7 @@
 
     python -m synth.make_world --world basic|hierarchy|temporal|zipf --out DIR [--tokens N]
         [--d-model D] [--features F] [--seq-len T] [--seed S] [--dtype bfloat16|float32]
-        [--resume | --force]
+        [--resume | --force] [--device cpu|cuda]
 
 DIR gets the cache (`manifest.json`, `L0/`, `tokens/`, `positions/`: one layer, 0, so train with
 `--layer 0`), the SAELens world in `world/` (`SyntheticModel.load_from_disk`) and
@@ -57,7 +57,7 @@ def shard_seed(seed: int, shard: int) -> int:
 def token_ids(codes: torch.Tensor) -> np.ndarray:
     """The `tokens` entry of the cache: 1 + the index of the strongest true feature, 0 if none."""
     values, index = codes.max(dim=1)
-    return torch.where(values > 0, index + 1, 0).numpy().astype(np.int32)
+    return torch.where(values > 0, index + 1, 0).cpu().numpy().astype(np.int32)
 
 
 @torch.no_grad()
@@ -74,9 +74,9 @@ def shard_arrays(
         codes = worlds.sample_sequences(
             model, min(per_batch, n_sequences - start), seq_len, persistence
         )
-        acts.append(model.feature_dict(codes.to_sparse()).numpy())
+        acts.append(model.feature_dict(codes.to_sparse()).cpu().numpy())
         tokens.append(token_ids(codes))
-        codes_csr.append(sp.csr_matrix(codes.numpy()))
+        codes_csr.append(sp.csr_matrix(codes.cpu().numpy()))
     return np.concatenate(acts), np.concatenate(tokens), sp.vstack(codes_csr, format="csr")
 
 
@@ -116,7 +116,7 @@ def ground_truth(model, parent, heldout: list[sp.csr_matrix], offset: int) -> di
     }
     if parent is not None:
         tensors["parent"] = parent
-    return {k: v.contiguous() for k, v in tensors.items()}
+    return {k: v.cpu().contiguous() for k, v in tensors.items()}
 
 
 def build_world(args: argparse.Namespace) -> Path:
@@ -140,6 +140,7 @@ def build_world(args: argparse.Namespace) -> Path:
             world_settings
             | {"tokens": n_tokens, "seq_len": seq_len, "shard_tokens": args.shard_tokens}
             | {"seed": args.seed, "dtype": args.dtype, "persistence_magnitudes": "kept"}
+            | {"device": args.device}
         )
     )
     metadata = {
@@ -158,7 +159,7 @@ def build_world(args: argparse.Namespace) -> Path:
     if writer.manifest.get("complete"):
         print(f"{out} is already complete ({writer.n_tokens} tokens)", file=sys.stderr)
         return out
-    model = SyntheticModel(config)
+    model = SyntheticModel(config, device=args.device)
     model.save(out / WORLD_DIR)
     offset = heldout_offset(n_tokens, seq_len)
     heldout: list[sp.csr_matrix] = []
@@ -205,6 +206,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue a killed build")
     mode.add_argument("--force", action="store_true", help="delete and rebuild this world")
+    p.add_argument("--device", default="cpu", help="where to sample: cpu, or cuda for big worlds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     for name in ("tokens", "d_model", "features", "seq_len", "shard_tokens"):

@@ -138,7 +138,6 @@ def fresh_generator(base: ActivationGenerator, q: float) -> ActivationGenerator:
         firing_probabilities=p * (1 - q) / (1 - p * q),
         std_firing_magnitudes=base.std_firing_magnitudes,
         mean_firing_magnitudes=base.mean_firing_magnitudes,
-        modify_activations=base.modify_activations,
         device=base.firing_probabilities.device,
         dtype=base.firing_probabilities.dtype,
     )

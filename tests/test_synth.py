@@ -255,17 +255,21 @@ def test_best_latents_matches_by_decoder_cosine():
 # ------------------------------------------------------------------------------------------------
 
 
-def fake_run(run_dir: Path, world: Path, w_enc, w_dec, b_enc, b_dec) -> Path:
-    """A run folder as train.py leaves it (a standard ReLU SAE), exported like make synth-eval."""
+def fake_run(
+    run_dir: Path, world: Path, w_enc, w_dec, b_enc, b_dec, variant="standard", **extra
+) -> Path:
+    """A run folder as train.py leaves it (a ReLU SAE by default), exported like make synth-eval;
+    `extra` holds further tensors and, under "hparams", the variant's hyper-parameters."""
     run_dir.mkdir()
     config = {
-        "variant": "standard", "d_in": D, "d_sae": w_dec.shape[0], "layer": 0,
+        "variant": variant, "d_in": D, "d_sae": w_dec.shape[0], "layer": 0,
         "cache": str(world), "model_name": "synthetic-hierarchy", "ctx_len": T,
         "dataset": "synthetic", "prepend_bos": False, "norm_scale": 1.0,
+        "hparams": extra.pop("hparams", {}),
     }  # fmt: skip
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "final_info.json").write_text(json.dumps({"training results for layer 0": {"x": 1}}))
-    arrays = {"W_enc": w_enc, "W_dec": w_dec, "b_enc": b_enc, "b_dec": b_dec}
+    arrays = {"W_enc": w_enc, "W_dec": w_dec, "b_enc": b_enc, "b_dec": b_dec, **extra}
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()},
               run_dir / ex.RUN_WEIGHTS)  # fmt: skip
     ex.export_run(run_dir, force=True)
@@ -311,3 +315,22 @@ def test_synth_eval_refuses_a_run_of_a_real_cache(built, tmp_path):
     proc = run_eval_python(["-m", "synth.evaluate", str(run)], tmp_path)
     assert proc.returncode == 2 and "not a synthetic world" in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_synth_eval_scores_a_two_level_export(built, tmp_path):
+    """two_level exports a custom module (base latents gated by concepts), not a SAELens SAE."""
+    truth = load_file(built / "hierarchy" / "ground_truth.safetensors")
+    dirs, bias = truth["feature_vectors"], truth["bias"]
+    concepts = np.random.default_rng(0).normal(size=(8, D))
+    concepts /= np.linalg.norm(concepts, axis=1, keepdims=True)
+    run = fake_run(
+        tmp_path / "two_level", built / "hierarchy", dirs.T, dirs, np.full(F, -0.2), bias,
+        variant="two_level", W_enc_c=concepts.T, W_dec_c=concepts, b_enc_c=np.full(8, 10.0),
+        hparams={"k_c": 8, "k_b": 4},
+    )  # fmt: skip
+    proc = run_eval_python(["-m", "synth.evaluate", str(run), "--samples", "4096"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((run / "final_info.json").read_text())["training results for layer 0"]
+    result = info["synthetic evaluation results"]
+    assert result["saelens"]["mcc"] > 0.999  # the base decoder is the true dictionary
+    assert result["saelens"]["sae_l0"] == pytest.approx(4 + 8)  # k_b base + k_c concepts
