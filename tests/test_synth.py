@@ -333,4 +333,4 @@ def test_synth_eval_scores_a_two_level_export(built, tmp_path):
     info = json.loads((run / "final_info.json").read_text())["training results for layer 0"]
     result = info["synthetic evaluation results"]
     assert result["saelens"]["mcc"] > 0.999  # the base decoder is the true dictionary
-    assert result["saelens"]["sae_l0"] == pytest.approx(4 + 8)  # k_b base + k_c concepts
+    assert 8 < result["saelens"]["sae_l0"] <= 8 + 4  # all 8 concepts and at most k_b base latents
