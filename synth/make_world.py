@@ -25,7 +25,7 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import save_file
 
-from jax_sae.data import MANIFEST, CacheError, CacheWriter
+from jax_sae.data import MANIFEST, CacheWriter
 from synth import WORLDS
 
 LAYER = 0
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         out = build_world(args)
-    except (WorldError, CacheError) as error:
+    except ValueError as error:  # WorldError, CacheError, and sizes SAELens refuses
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.world} world to {out} (train with --cache {out} --layer {LAYER})")

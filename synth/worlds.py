@@ -95,6 +95,8 @@ def world_config(world: str, d_model: int, n_features: int, seed: int) -> Synthe
     if world == "hierarchy":
         roots = max(1, n_features // FEATURES_PER_TREE)
         levels = tuple(roots * BRANCHING**level for level in range(DEPTH + 1))
+        if sum(levels) > n_features:
+            raise ValueError(f"the hierarchy world needs --features >= {sum(levels)}")
         probs = (ROOT_PROB,) + (CHILD_GIVEN_PARENT_PROB,) * DEPTH
         return SyntheticModelConfig(
             firing_probability=BlockFiringProbabilityConfig(levels, probs, FREE_PROB),
