@@ -25,6 +25,9 @@ RUNS    ?=
 OFFLINE_MODEL ?=
 EVAL_FLAGS    ?=
 BENCH_FLAGS   ?=
+# synthetic worlds (SPEC 8); TOKENS/OUT apply only when given on the command line
+WORLD   ?= basic
+SYNTH_FLAGS ?=
 
 VENV      := .venv
 VENV_EVAL := .venv-eval
@@ -38,7 +41,8 @@ DEMO_RUNS  := runs/demo_standard runs/demo_topk runs/demo_freq runs/demo_tempora
 DEMO_TRAIN := --cache $(DEMO_CACHE) --layer 2 --normalize --tokens 1000000 --dead-tokens 100000 \
 	--set d_sae=512 --set lr=0.003 --set warmup_steps=20 --resume
 
-.PHONY: setup setup-eval test lint extract tiny-model train export-eval compare demo bench clean
+.PHONY: setup setup-eval test lint extract tiny-model train export-eval compare demo bench clean \
+	synth synth-eval
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -79,6 +83,15 @@ export-eval: setup setup-eval
 	$(PY) export_to_torch.py $(RUN) --force
 	$(PY_EVAL) -m saebench_eval.run $(RUN) --evals $(EVALS) \
 		$(if $(OFFLINE_MODEL),--offline-model $(OFFLINE_MODEL)) $(EVAL_FLAGS)
+
+synth: setup-eval
+	$(PY_EVAL) -m synth.make_world --world $(WORLD) --out $(or $(OUT),activations_cache/synth_$(WORLD)) \
+		$(if $(filter command line,$(origin TOKENS)),--tokens $(TOKENS)) $(SYNTH_FLAGS)
+
+synth-eval: setup setup-eval
+	@test -n "$(RUN)" || { echo "error: set RUN=runs/<name> (a run trained on a make synth world)" >&2; exit 2; }
+	$(PY) export_to_torch.py $(RUN) --force
+	$(PY_EVAL) -m synth.evaluate $(RUN) $(EVAL_FLAGS)
 
 compare: setup
 	@test -n "$(RUNS)" || { echo "error: set RUNS=\"runs/a runs/b\" (runs of one cache)" >&2; exit 2; }
