@@ -25,7 +25,7 @@ RUNS    ?=
 OFFLINE_MODEL ?=
 EVAL_FLAGS    ?=
 BENCH_FLAGS   ?=
-# synthetic worlds (SPEC 8); TOKENS/OUT apply only when given on the command line
+# synthetic worlds (SPEC 8); TOKENS is passed only when given on the command line
 WORLD   ?= basic
 SYNTH_FLAGS ?=
 
