@@ -310,7 +310,11 @@ def train(config: dict, variant: Any, loader: Loader, out: Path, resume: bool) -
     steps, batch_size = config["steps"], config["batch_size"]
     hp = variant.hparams
     opt = make_optimizer(
-        lr=hp["lr"], warmup_steps=hp["warmup_steps"], total_steps=steps, decay=hp["lr_decay"]
+        lr=hp["lr"],
+        warmup_steps=hp["warmup_steps"],
+        total_steps=steps,
+        decay=hp["lr_decay"],
+        threshold_lr_scale=hp.get("threshold_lr_scale", 1.0),
     )
     step_fn = make_train_step(variant, opt, COMPUTE_DTYPES[config["compute_dtype"]])
     grad_shares = make_grad_shares(variant, COMPUTE_DTYPES[config["compute_dtype"]])

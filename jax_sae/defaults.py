@@ -29,7 +29,7 @@ REFERENCE_D_IN = 2304
 RUN_FRACTION = 0.1
 """Largest share of a run that a warm-up or the dead-latent window may take."""
 SIZE_MULTIPLE = 64
-K_LIKE = ("k", "k_aux", "target_l0", "k_b", "k_c")
+K_LIKE = ("k", "k_aux", "k_b", "k_c")
 WARMUPS = ("warmup_steps", "sparsity_warmup_steps")
 
 

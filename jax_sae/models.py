@@ -28,7 +28,7 @@ import numpy as np
 from jax import lax
 
 from jax_sae.activations import batch_topk_relu, jumprelu, topk_relu
-from jax_sae.init import kaiming_uniform, unit_rows_kaiming, unit_rows_normal
+from jax_sae.init import geometric_median, kaiming_uniform, unit_rows_kaiming, unit_rows_normal
 
 Params = dict[str, jax.Array]
 State = dict[str, jax.Array]
@@ -99,6 +99,16 @@ class ReLUSAE(nn.Module):
     """SAELens architecture name the exporter writes."""
     B_DEC_FROM_DATA: ClassVar[bool] = False
     """Initialise `b_dec` to the geometric median of a data sample (TopK family)."""
+
+    @classmethod
+    def init_from_data(
+        cls, params: dict[str, Any], sample: np.ndarray, hparams: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Data-dependent part of the init from a sample [n, d_in] (SPEC 3 "Init"): the TopK
+        family's `b_dec` is the sample's geometric median; other architectures keep their init."""
+        if cls.B_DEC_FROM_DATA:
+            params = params | {"b_dec": jnp.asarray(geometric_median(sample))}
+        return params
 
     @classmethod
     def from_hparams(cls, d_in: int, d_sae: int, hparams: Mapping[str, Any], compute_dtype: Any):
@@ -244,16 +254,38 @@ class JumpReLUSAE(ReLUSAE):
 
     bandwidth: float
     threshold_init: float
+    threshold_lr_scale: float  # read by the optimizer (`optim.clamp_thresholds`), not here
 
-    HPARAMS: ClassVar[Mapping[str, Any]] = {"bandwidth": 0.001, "threshold_init": 0.001}
+    HPARAMS: ClassVar[Mapping[str, Any]] = {
+        "bandwidth": 0.001,
+        "threshold_init": 0.001,
+        "threshold_lr_scale": 1.0,
+    }
     EXPORT_ARCHITECTURE: ClassVar[str] = "jumprelu"
 
     @classmethod
     def check_hparams(cls, hparams: Mapping[str, Any], d_in: int, d_sae: int) -> None:
         if hparams["bandwidth"] <= 0:
             raise ValueError(f"bandwidth must be > 0, got {hparams['bandwidth']}")
+        if hparams["threshold_lr_scale"] <= 0:
+            raise ValueError(f"threshold_lr_scale must be > 0, got {hparams['threshold_lr_scale']}")
         if hparams["threshold_init"] < 0:
             raise ValueError(f"threshold_init must be >= 0, got {hparams['threshold_init']}")
+
+    @classmethod
+    def init_from_data(cls, params, sample, hparams):
+        """Encoder bias such that each latent fires on `target_l0 / F` of the sample, so L0 starts
+        at its target (as in Anthropic's 2025 JumpReLU recipe) instead of at F / 2: the threshold
+        moves by about lr per step, far too slowly to bring L0 from F / 2 down to 20 in a run of
+        the default length. Without `target_l0` the template init is kept."""
+        params = super().init_from_data(params, sample, hparams)
+        target = hparams.get("target_l0")
+        if target is None:
+            return params
+        w_enc = np.asarray(params["W_enc"], np.float32)
+        pre = (np.asarray(sample, np.float32) - np.asarray(params["b_dec"])) @ w_enc
+        fire_quantile = np.quantile(pre, 1.0 - min(target / w_enc.shape[1], 1.0), axis=0)
+        return params | {"b_enc": jnp.asarray(hparams["threshold_init"] - fire_quantile)}
 
     def setup(self) -> None:
         super().setup()

@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_sae.init import geometric_median
 from jax_sae.losses import LossContext, LossTerm, recon
 from jax_sae.losses import dead as dead_tracking
 from jax_sae.losses.auxk import AuxK
@@ -281,18 +280,19 @@ class Variant:
     # --- parameters -------------------------------------------------------------------------
 
     def init_params(self, key: jax.Array, data_sample: np.ndarray | None = None) -> Params:
-        """Initial parameters (SPEC 3 "Init"). For the TopK family `b_dec` is the geometric median
-        of `data_sample` [n, d_in]; without a sample it stays zero. Other variants ignore it."""
+        """Initial parameters (SPEC 3 "Init"). With `data_sample` [n, d_in] the architecture's
+        data-dependent init applies (`init_from_data`: the TopK family's `b_dec`, JumpReLU's
+        `b_enc`); without one those stay zero."""
         model = self.model()
         params = dict(model.init(key, jnp.zeros((1, self.d_in), jnp.float32))["params"])
-        if model.B_DEC_FROM_DATA and data_sample is not None:
-            sample = np.asarray(data_sample)
-            if sample.ndim != 2 or sample.shape[1] != self.d_in or sample.shape[0] == 0:
-                raise VariantError(
-                    f"data_sample must be [n, d_in={self.d_in}] with n > 0, got {sample.shape}"
-                )
-            params["b_dec"] = jnp.asarray(geometric_median(sample))
-        return params
+        if data_sample is None:
+            return params
+        sample = np.asarray(data_sample)
+        if sample.ndim != 2 or sample.shape[1] != self.d_in or sample.shape[0] == 0:
+            raise VariantError(
+                f"data_sample must be [n, d_in={self.d_in}] with n > 0, got {sample.shape}"
+            )
+        return dict(self.spec.architecture.init_from_data(params, sample, self.hparams))
 
     def params_to_arrays(self, params: Params) -> dict[str, np.ndarray]:
         """Float32 numpy arrays under SAELens names and shapes (JumpReLU: `threshold`)."""

@@ -125,6 +125,9 @@ def heldout_metrics(sae: Any, world: Path, truth: dict[str, np.ndarray]) -> dict
         "ground_truth": metrics.firing_rate_spread(true_fires),
     }
     result["true_feature_detection"] = metrics.detection(true_fires, sae_fires, latent_of)
+    result["cofiring_decoder_cos"] = metrics.cofiring_decoder_cos(
+        sae_fires, sae.W_dec.detach().cpu().float().numpy()
+    )
     return result
 
 

@@ -112,3 +112,17 @@ def detection(true_fires: sp.csr_matrix, sae_fires: sp.csr_matrix, latent_of: np
         "f1": float(f1[live].mean()) if live.any() else None,
         "n_features": int(live.sum()),
     }
+
+
+def cofiring_decoder_cos(fires: sp.csr_matrix, decoder: np.ndarray) -> float | None:
+    """Mean |cos(d_i, d_j)| over pairs of distinct latents, weighted by how often they fire
+    together: the overlap that the orthogonality regularisers (hier_ortho, pair_ortho) penalise.
+    None when no two latents ever fire together."""
+    counts = (fires.T.astype(np.float64) @ fires.astype(np.float64)).tocoo()
+    off = counts.row != counts.col
+    rows, cols, weight = counts.row[off], counts.col[off], counts.data[off]
+    if weight.sum() == 0:
+        return None
+    unit = decoder / np.maximum(np.linalg.norm(decoder, axis=1, keepdims=True), 1e-12)
+    cos = np.abs(np.einsum("pd,pd->p", unit[rows], unit[cols]))
+    return float(np.sum(weight * cos) / weight.sum())

@@ -334,3 +334,21 @@ def test_synth_eval_scores_a_two_level_export(built, tmp_path):
     result = info["synthetic evaluation results"]
     assert result["saelens"]["mcc"] > 0.999  # the base decoder is the true dictionary
     assert 8 < result["saelens"]["sae_l0"] <= 8 + 4  # all 8 concepts and at most k_b base latents
+
+
+def test_cofiring_decoder_cos_against_a_pair_loop():
+    rng = np.random.default_rng(3)
+    codes = (rng.random((40, 7)) < 0.3).astype(np.float32)
+    decoder = rng.normal(size=(7, 5))
+    total = weight = 0.0
+    for t in range(40):
+        active = np.flatnonzero(codes[t])
+        for i in active:
+            for j in active:
+                if i != j:
+                    cos = decoder[i] @ decoder[j]
+                    cos /= np.linalg.norm(decoder[i]) * np.linalg.norm(decoder[j])
+                    total, weight = total + abs(cos), weight + 1
+    value = metrics.cofiring_decoder_cos(metrics.firing(codes), decoder)
+    assert value == pytest.approx(total / weight, rel=1e-10)
+    assert metrics.cofiring_decoder_cos(metrics.firing(np.eye(7)), decoder) is None
