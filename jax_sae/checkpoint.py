@@ -8,6 +8,7 @@ one is committed, so a kill at any moment leaves the last good checkpoint in pla
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,19 @@ class Checkpoints:
         )
         return dict(restored.record)
 
-    def restore(self, step: int, like: Any, config_hash: str) -> tuple[Any, dict]:
+    def restore(
+        self, step: int, like: Any, config_hashes: str | Collection[str]
+    ) -> tuple[Any, dict]:
         """Restore checkpoint ``step`` into the structure, shapes and dtypes of ``like``.
 
-        Refuses a checkpoint written under another configuration: continuing it would silently
-        mix two experiments.
+        Refuses a checkpoint written under a configuration not in ``config_hashes`` (a run's
+        own, plus those of the shorter runs it extends): continuing it would silently mix two
+        experiments.
         """
+        if isinstance(config_hashes, str):
+            config_hashes = {config_hashes}
         record = self.read_record(step)
-        if record.get("config_hash") != config_hash:
+        if record.get("config_hash") not in config_hashes:
             raise CheckpointError(
                 f"checkpoint {step} in {self.directory} belongs to a run with a different "
                 "config; rerun with the original flags or choose a new --out"
