@@ -31,7 +31,12 @@ from jax_sae import plots, runs
 from jax_sae.checkpoint import CheckpointError, Checkpoints
 from jax_sae.cli import OneLineParser
 from jax_sae.data import ActivationCache, CacheError, hook_name
-from jax_sae.disk import DiskFullError, disk_full_error, is_disk_full
+from jax_sae.disk import (
+    DiskFullError,
+    disk_full_error,
+    is_disk_full,
+    quiet_disk_full_in_threads,
+)
 from jax_sae.divergence import LOSS_BLOWUP_FACTOR, MIN_EXPLAINED_VARIANCE, DivergenceRule
 from jax_sae.evaluate import EVAL_BATCH, evaluate
 from jax_sae.loader import (
@@ -513,10 +518,13 @@ def run(
     final info and the last logged record. A full disk becomes a DiskFullError naming the path
     and the space needed."""
     rule = DivergenceRule(args.diverge_loss_factor, args.diverge_min_ev)
+    quiet_disk_full_in_threads()
     try:
         config = prepare_run_dir(out, config, args.resume)
         params, reg_state, record = train(config, variant, loader, out, args.resume, rule)
         info = finish(config, variant, loader, out, params, reg_state, record)
+    except DiskFullError:  # checked before writing: it names exactly what did not fit
+        raise
     except Exception as error:
         if not is_disk_full(error):
             raise

@@ -45,7 +45,7 @@ from extract.sources import (
     resolve_model,
 )
 from jax_sae.data import CacheWriter, hook_name
-from jax_sae.disk import disk_full_error, is_disk_full
+from jax_sae.disk import DiskFullError, disk_full_error, is_disk_full
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_SHARD_TOKENS = 131_072  # ~600 MB per layer and shard for Gemma-2-2b in bfloat16
@@ -568,6 +568,8 @@ def extract(cfg: ExtractConfig) -> Path:
         raise ExtractError(
             f"out of GPU memory ({first_line(e)}); lower --batch-size (resume with --resume)"
         ) from e
+    except DiskFullError as e:  # checked before writing a shard: it names what did not fit
+        raise ExtractError(str(e)) from e
     except OSError as e:
         if extraction is None or not is_disk_full(e):
             raise

@@ -15,7 +15,11 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jax_sae.disk import require_space
+
 DEFAULT_KEEP = 3
+WRITE_OVERHEAD = 1 << 20
+"""Bytes a checkpoint takes beyond its arrays (orbax metadata), with room to spare."""
 
 
 class CheckpointError(RuntimeError):
@@ -43,6 +47,13 @@ class Checkpoints:
         """
         if step in self._manager.all_steps():
             return
+        state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+        require_space(
+            self.directory,
+            state_bytes + WRITE_OVERHEAD,
+            f"checkpoint {step}",
+            "rerun with --resume",
+        )
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
         )

@@ -26,6 +26,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from jax_sae.disk import require_space
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STORAGE_DTYPES = {
@@ -37,6 +39,7 @@ _CRC_BLOCK = 1 << 24  # bytes hashed per call; keeps memory flat on multi-GB sha
 EXPONENT_MASKS = {2: np.uint16(0x7F80), 4: np.uint32(0x7F800000)}
 """Exponent bits of bfloat16 / float32 (float16 below): all ones means NaN or inf."""
 FLOAT16_EXPONENT = np.uint16(0x7C00)
+WRITE_OVERHEAD = 1 << 20  # .npy headers and the manifest, with room to spare
 MANIFEST_FIELDS = {"layers": list, "d_model": int, "dtype": str, "shards": list, "stats": dict}
 SHARD_FIELDS = {"index": int, "n_tokens": int, "crc32": dict}
 
@@ -284,6 +287,8 @@ class CacheWriter:
             row_sq_norms = np.einsum("ij,ij->i", stored32, stored32)
             sums[layer] = (stored32.sum(0, dtype=np.float64), row_sq_norms.sum(dtype=np.float64))
             arrays[_layer_kind(layer)] = stored
+        shard_bytes = sum(array.nbytes for array in arrays.values()) + WRITE_OVERHEAD
+        require_space(self.path, shard_bytes, f"shard {index}", "resume the extraction (--resume)")
         checksums = {}
         for kind, array in arrays.items():
             (self.path / kind).mkdir(exist_ok=True)
