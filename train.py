@@ -37,7 +37,12 @@ from jax_sae.disk import (
     is_disk_full,
     quiet_disk_full_in_threads,
 )
-from jax_sae.divergence import LOSS_BLOWUP_FACTOR, MIN_EXPLAINED_VARIANCE, DivergenceRule
+from jax_sae.divergence import (
+    LOSS_BLOWUP_FACTOR,
+    MIN_EXPLAINED_VARIANCE,
+    DivergenceRule,
+    zero_reconstruction_loss,
+)
 from jax_sae.evaluate import EVAL_BATCH, evaluate
 from jax_sae.loader import (
     DEFAULT_BUFFER_CHUNKS,
@@ -115,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--diverge-loss-factor",
         type=float,
         default=LOSS_BLOWUP_FACTOR,
-        help="stop when the reconstruction loss exceeds this many times its first logged value "
+        help="stop when the reconstruction loss exceeds this many times that of predicting zero "
         "(inf: never; see jax_sae/divergence.py)",
     )
     p.add_argument(
@@ -361,7 +366,10 @@ def train(
             start = latest
             print(f"resuming {out} at step {start} of {steps}", file=sys.stderr)
         metrics_log.truncate_after(start)
-        first_record = next(iter(metrics_log.read()), None)  # the divergence rule's reference
+        stats = loader.cache.layer_stats(config["layer"])
+        zero_loss = zero_reconstruction_loss(
+            stats["mean_sq_norm"] * config["norm_scale"] ** 2, hp["recon"]
+        )
         if config["epochs"] > 1:
             print(
                 f"{config['tokens']} training tokens from {loader.n_train} in the cache: "
@@ -387,7 +395,7 @@ def train(
                 )
 
         def stop_if_diverged(record: dict) -> None:
-            reason = rule.loss_reason(first_record or record, record)
+            reason = rule.loss_reason(record, zero_loss)
             if reason is not None:
                 raise diverged(out, f"the run diverged: {reason}; stopped, {last_good()}; {remedy}")
 
@@ -423,7 +431,6 @@ def train(
                         stop_if_not_finite()
                         record, tokens_per_s = window.flush(done)
                         metrics_log.append(record)
-                        first_record = first_record or record
                         stop_if_diverged(record)
                         bar.set_postfix(
                             loss=f"{record['loss']:.4g}",

@@ -5,16 +5,18 @@ held-out explained variance of -8.6e25 without a single NaN. Two signs, each far
 healthy run does, stop such a run with an error and mark it diverged (the exporter then refuses
 it):
 
-* the reconstruction loss of a logged interval exceeds ``LOSS_BLOWUP_FACTOR`` times that of the
-  first logged interval. The first interval holds the steps right after initialisation, the
-  worst reconstruction a healthy run ever has; sparsity penalties that ramp up (JumpReLU's L0
-  term, sparsity warm-ups) can raise the *total* loss far above its start, so the rule reads the
-  reconstruction term, which they do not inflate;
+* the reconstruction loss of a logged interval exceeds ``LOSS_BLOWUP_FACTOR`` times its early
+  value, taken as the loss of reconstructing every input as zero (E||x||^2 of the training inputs,
+  from the cache statistics): about where a fresh SAE starts, and a property of the data, so a run
+  that already blows up within its first logged interval cannot raise its own bar. The rule reads
+  the reconstruction term because sparsity penalties that ramp up (JumpReLU's L0 term, sparsity
+  warm-ups) can legitimately lift the *total* loss far above its start. A fresh SAE on raw
+  activations with a wide dictionary starts at up to ~30x the zero loss, hence the generous 1000;
 * the held-out explained variance at the end is below ``MIN_EXPLAINED_VARIANCE`` (the SAE
-  reconstructs worse than the constant mean) while the reconstruction loss ended no lower than it
-  started. A short healthy run can still be below the mean at the end (a TopK SAE starts there)
-  while its loss falls: that is only a warning, as the run needs more steps, not another
-  learning rate (so is a run with a single logged interval, which shows no trend).
+  reconstructs worse than the constant mean) while the reconstruction loss ended no lower than its
+  first logged value. A short healthy run can still be below the mean at the end (a TopK SAE
+  starts there) while its loss falls: that is only a warning, as the run needs more steps, not
+  another learning rate (so is a run with a single logged interval, which shows no trend).
 
 Both thresholds are trainer options; ``inf`` / ``-inf`` switch a sign off.
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-LOSS_BLOWUP_FACTOR = 100.0
+LOSS_BLOWUP_FACTOR = 1000.0
 MIN_EXPLAINED_VARIANCE = 0.0
 EVAL_KEY = "explained_variance_pooled"
 """The fast evaluation's 1 - FVU over all held-out tokens (jax_sae.evaluate)."""
@@ -35,19 +37,26 @@ def reconstruction_loss(record: dict) -> float:
     return float(record.get("recon", record["loss"]))
 
 
+def zero_reconstruction_loss(mean_sq_norm: float, recon: str) -> float:
+    """The reconstruction loss of predicting x_hat = 0 for inputs with E||x||^2 = ``mean_sq_norm``:
+    that value for squared errors, its square root (an upper bound of E||x||) for ``l2norm``."""
+    return math.sqrt(mean_sq_norm) if recon == "l2norm" else mean_sq_norm
+
+
 @dataclass(frozen=True)
 class DivergenceRule:
     loss_factor: float = LOSS_BLOWUP_FACTOR
     min_explained_variance: float = MIN_EXPLAINED_VARIANCE
 
-    def loss_reason(self, first: dict, record: dict) -> str | None:
-        """Why ``record`` shows a diverged run, given the run's first logged record (or None)."""
-        early, now = reconstruction_loss(first), reconstruction_loss(record)
-        if math.isfinite(now) and now <= self.loss_factor * early:
+    def loss_reason(self, record: dict, zero_loss: float) -> str | None:
+        """Why ``record`` shows a diverged run (or None); ``zero_loss`` from
+        ``zero_reconstruction_loss``."""
+        now = reconstruction_loss(record)
+        if math.isfinite(now) and now <= self.loss_factor * zero_loss:
             return None
         return (
             f"reconstruction loss {now:.4g} at step {record['step']} is more than "
-            f"{self.loss_factor:g}x its early value {early:.4g} (step {first['step']})"
+            f"{self.loss_factor:g}x that of predicting zero ({zero_loss:.4g})"
         )
 
     def eval_reason(self, fast_eval: dict | None, first: dict, last: dict) -> str | None:
