@@ -249,7 +249,7 @@ def prepare_run_dir(out: Path, config: dict, resume: bool) -> dict:
         config = continued_config(out, runs.read_json(config_file), config)
     out.mkdir(parents=True, exist_ok=True)
     runs.write_json(config_file, config)
-    runs.write_status(out, runs.RUNNING, step=None)
+    runs.write_status(out, runs.RUNNING)
     return config
 
 
@@ -377,6 +377,9 @@ def train(
                 file=sys.stderr,
             )
         window = MetricsWindow(batch_size, start)
+        remedy = "lower the learning rate (--set lr=...)" + (
+            "" if config["normalize"] else " or train with --normalize"
+        )
 
         def last_good() -> str:
             latest = checkpoints.latest_step()
@@ -398,10 +401,6 @@ def train(
             reason = rule.loss_reason(record, zero_loss)
             if reason is not None:
                 raise diverged(out, f"the run diverged: {reason}; stopped, {last_good()}; {remedy}")
-
-        remedy = "lower the learning rate (--set lr=...)" + (
-            "" if config["normalize"] else " or train with --normalize"
-        )
 
         def save(done: int) -> None:
             stop_if_not_finite()
