@@ -541,6 +541,12 @@ class Extraction:
             ready.record()
         return HostBatch(acts, tokens, positions, n_texts, ready)
 
+    def bytes_still_needed(self) -> int:
+        """What the shards still to be written take on disk (all layers, tokens, positions)."""
+        done = self.writer.n_tokens if self.writer is not None else 0
+        per_token = len(self.points) * self.d_model * self.storage.itemsize + 8
+        return max(self.cfg.tokens - done, 0) * per_token
+
 
 def _below_norm_limit(rows: dict[int, torch.Tensor], factor: float) -> torch.Tensor:
     """Host bool mask of tokens whose norm is <= factor x the batch median at every layer."""
@@ -550,12 +556,6 @@ def _below_norm_limit(rows: dict[int, torch.Tensor], factor: float) -> torch.Ten
         layer_ok = norms <= factor * norms.median() if len(norms) else norms > 0
         ok = layer_ok if ok is None else ok & layer_ok
     return ok.cpu()
-
-    def bytes_still_needed(self) -> int:
-        """What the shards still to be written take on disk (all layers, tokens, positions)."""
-        done = self.writer.n_tokens if self.writer is not None else 0
-        per_token = len(self.points) * self.d_model * self.storage.itemsize + 8
-        return max(self.cfg.tokens - done, 0) * per_token
 
 
 def extract(cfg: ExtractConfig) -> Path:

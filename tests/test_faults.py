@@ -24,7 +24,7 @@ import export_to_torch
 import train
 from extract.cli import main as extract_main
 from extract.extractor import ExtractConfig, extract
-from jax_sae import disk, runs
+from jax_sae import data, disk, runs
 from jax_sae.data import MANIFEST, ActivationCache, CacheError
 from jax_sae.divergence import DivergenceRule
 from jax_sae.loader import Loader
@@ -257,15 +257,27 @@ def test_case5_full_disk_while_exporting(reference_run, tmp_path, capsys, monkey
     assert not (tmp_path / "e").exists()
 
 
+def _no_space_on_write(path, write):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        (("free_bytes", lambda path: 5000), "shard 0 needs about"),  # seen before writing
+        (("_write_atomic", _no_space_on_write), "still to write"),  # a write that fails
+    ],
+)
 def test_case5_full_disk_while_extracting(
-    tiny_model_dir, tiny_corpus, tmp_path, capsys, monkeypatch
+    tiny_model_dir, tiny_corpus, tmp_path, capsys, monkeypatch, patch, message
 ):
-    monkeypatch.setattr(disk, "free_bytes", lambda path: 5000)
+    name, replacement = patch
+    monkeypatch.setattr(disk if name == "free_bytes" else data, name, replacement)
     out = tmp_path / "c"
     argv = ["--model", str(tiny_model_dir), "--dataset", str(tiny_corpus), "--layers", "1"]
     assert extract_main([*argv, "--tokens", "600", "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: no space left on the disk holding {out}: shard 0 needs")
+    assert err.startswith(f"error: no space left on the disk holding {out}") and message in err
     assert err.count("\n") == 1 and "--resume" in err
 
 
