@@ -65,9 +65,9 @@ def heldout_row(cache: Path) -> int:
 def test_case1_flipped_byte_in_a_listed_shard_stops_training(cache, tmp_path, capsys):
     bad = copy_cache(cache, tmp_path)
     shard = bad / f"L{LAYER}" / "shard_00001.npy"
-    data = bytearray(shard.read_bytes())
-    data[-7] ^= 0x01  # one bit of one value; the shape and header stay valid
-    shard.write_bytes(bytes(data))
+    raw = bytearray(shard.read_bytes())
+    raw[-7] ^= 0x01  # one bit of one value; the shape and header stay valid
+    shard.write_bytes(bytes(raw))
     assert train.main(args(bad, tmp_path / "run", "--steps", "20")) == 2
     line = one_error_line(capsys)
     assert "checksum mismatch" in line and "shard_00001.npy" in line
