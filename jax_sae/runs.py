@@ -183,6 +183,12 @@ class RunLock:
                     f"{self.path.parent} is in use by another trainer (pid {owner}, lock "
                     f"{self.path}); wait for it to finish or choose another --out"
                 ) from None
+            except OSError as error:  # a file system without locks (some network mounts)
+                os.close(fd)
+                raise RunFolderError(
+                    f"cannot lock {self.path} ({error.strerror}); put --out on a file system "
+                    "that supports file locks"
+                ) from None
             # the previous owner may have removed the file between our open and our flock
             if os.path.exists(self.path) and os.path.samestat(os.fstat(fd), os.stat(self.path)):
                 break
