@@ -1,9 +1,10 @@
 """Export a trained run (`runs/<name>/`) to SAELens format for SAEBench.
 
-    python export_to_torch.py RUN_DIR [--out DIR] [--force]
+    python export_to_torch.py RUN_DIR [--out DIR] [--replace] [--force]
 
 Refuses a run whose `status.json` says it diverged or has not finished (still training,
-interrupted, being extended) unless `--force` is given.
+interrupted, being extended) unless `--force` is given. `--replace` replaces an earlier export
+of a finished run (what `make export-eval` passes); `--force` also does.
 
 Reads `RUN_DIR/config.json` and `RUN_DIR/sae_params.safetensors` (float32, SAELens names, the
 un-folded trained weights) and writes `RUN_DIR/saelens/` (`cfg.json` + `sae_weights.safetensors`),
@@ -352,12 +353,17 @@ class TwoLevelSAE(torch.nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None, force: bool = False) -> Path:
-    """Write the SAELens export of `run_dir` to `out` (default `run_dir/saelens`); returns `out`."""
+def export_run(
+    run_dir: str | Path, out: str | Path | None = None, force: bool = False, replace: bool = False
+) -> Path:
+    """Write the SAELens export of `run_dir` to `out` (default `run_dir/saelens`); returns `out`.
+
+    `replace` allows replacing an existing `out`; `force` also allows exporting a run that
+    diverged or has not finished."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / EXPORT_DIR
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not (force or replace):
+        raise ExportError(f"{out} already exists; pass --replace to replace it")
     problem = status_problem(run_dir)
     if problem is not None and not force:
         raise ExportError(f"{problem}; pass --force to export its weights anyway")
@@ -409,17 +415,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="run folder written by train.py")
     parser.add_argument("--out", type=Path, help=f"export folder (default RUN_DIR/{EXPORT_DIR})")
+    parser.add_argument("--replace", action="store_true", help="replace an existing export folder")
     parser.add_argument(
         "--force",
         action="store_true",
-        help="replace an existing export folder; export a diverged or unfinished run",
+        help="as --replace, and export a diverged or unfinished run too",
     )
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error already printed as one line
         return int(exit_.code or 0)
     try:
-        out = export_run(args.run_dir, args.out, force=args.force)
+        out = export_run(args.run_dir, args.out, force=args.force, replace=args.replace)
     except (ExportError, OSError, json.JSONDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -147,8 +147,9 @@ def test_divergence_at_the_end_marks_the_run_and_keeps_its_weights(
     assert "held-out explained variance" in one_error_line(capsys)
     assert runs.read_status(out)["state"] == runs.DIVERGED
     assert (out / runs.PARAMS).exists()
-    assert export_to_torch.main([str(out)]) == 2
-    assert "diverged" in one_error_line(capsys)
+    for flags in ([], ["--replace"]):  # what make export-eval passes
+        assert export_to_torch.main([str(out), *flags]) == 2
+        assert "diverged" in one_error_line(capsys)
     assert export_to_torch.main([str(out), "--force"]) == 0
     assert "warning: exporting anyway" in capsys.readouterr().err
 
