@@ -80,7 +80,7 @@ train: setup
 
 export-eval: setup setup-eval
 	@test -n "$(RUN)" || { echo "error: set RUN=runs/<name> (a finished training run)" >&2; exit 2; }
-	$(PY) export_to_torch.py $(RUN) --force
+	$(PY) export_to_torch.py $(RUN) --replace
 	$(PY_EVAL) -m saebench_eval.run $(RUN) --evals $(EVALS) \
 		$(if $(OFFLINE_MODEL),--offline-model $(OFFLINE_MODEL)) $(EVAL_FLAGS)
 
@@ -105,7 +105,7 @@ demo: tiny-model setup-eval
 	$(PY) train.py $(DEMO_TRAIN) --variant topk --out runs/demo_topk --set k=16
 	$(PY) train.py $(DEMO_TRAIN) --variant freq --out runs/demo_freq
 	$(PY) train.py $(DEMO_TRAIN) --variant temporal --out runs/demo_temporal
-	$(PY) export_to_torch.py runs/demo_topk --force
+	$(PY) export_to_torch.py runs/demo_topk --replace
 	$(PY_EVAL) -m saebench_eval.run runs/demo_topk --evals core --offline-model $(TINY) \
 		--core-reconstruction-batches 10 --core-sparsity-variance-batches 20
 	$(PY) -m jax_sae.compare $(DEMO_RUNS) --out runs/demo_compare

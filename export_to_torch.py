@@ -1,6 +1,10 @@
 """Export a trained run (`runs/<name>/`) to SAELens format for SAEBench.
 
-    python export_to_torch.py RUN_DIR [--out DIR] [--force]
+    python export_to_torch.py RUN_DIR [--out DIR] [--replace] [--force]
+
+Refuses a run whose `status.json` says it diverged or has not finished (still training,
+interrupted, being extended) unless `--force` is given. `--replace` replaces an earlier export
+of a finished run (what `make export-eval` passes); `--force` also does.
 
 Reads `RUN_DIR/config.json` and `RUN_DIR/sae_params.safetensors` (float32, SAELens names, the
 un-folded trained weights) and writes `RUN_DIR/saelens/` (`cfg.json` + `sae_weights.safetensors`),
@@ -25,7 +29,6 @@ evaluation environment can import it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -38,8 +41,12 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from jax_sae.cli import OneLineParser
+from jax_sae.disk import disk_full_error, is_disk_full
+
 RUN_CONFIG = "config.json"
 RUN_WEIGHTS = "sae_params.safetensors"
+RUN_STATUS = "status.json"  # written by train.py (jax_sae.runs.STATUS)
 EXPORT_DIR = "saelens"
 EXPORT_CONFIG = "cfg.json"  # names SAELens's disk loader expects
 EXPORT_WEIGHTS = "sae_weights.safetensors"
@@ -79,6 +86,26 @@ class ExportError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # reading the run
 # ------------------------------------------------------------------------------------------------
+
+
+def status_problem(run_dir: Path) -> str | None:
+    """Why the run's weights should not be exported (diverged, unfinished), or None.
+
+    A run folder from before status files existed has none; its weights file decides alone.
+    """
+    file = run_dir / RUN_STATUS
+    if not file.is_file():
+        return None
+    status = json.loads(file.read_text())
+    state = status.get("state")
+    if state == "finished":
+        return None
+    if state == "diverged":
+        return f"{run_dir} diverged ({status.get('reason', 'no reason recorded')})"
+    return (
+        f"{run_dir} has not finished training (status '{state}': running, interrupted or being "
+        "extended); resume it until it finishes"
+    )
 
 
 def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -326,12 +353,22 @@ class TwoLevelSAE(torch.nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None, force: bool = False) -> Path:
-    """Write the SAELens export of `run_dir` to `out` (default `run_dir/saelens`); returns `out`."""
+def export_run(
+    run_dir: str | Path, out: str | Path | None = None, force: bool = False, replace: bool = False
+) -> Path:
+    """Write the SAELens export of `run_dir` to `out` (default `run_dir/saelens`); returns `out`.
+
+    `replace` allows replacing an existing `out`; `force` also allows exporting a run that
+    diverged or has not finished."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / EXPORT_DIR
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not (force or replace):
+        raise ExportError(f"{out} already exists; pass --replace to replace it")
+    problem = status_problem(run_dir)
+    if problem is not None and not force:
+        raise ExportError(f"{problem}; pass --force to export its weights anyway")
+    if problem is not None:
+        print(f"warning: exporting anyway (--force): {problem}", file=sys.stderr)
     config, arrays = read_run(run_dir)
     architecture = architecture_of(config)
     d_in, d_sae = int(_require(config, "d_in")), int(_require(config, "d_sae"))
@@ -345,7 +382,13 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, force: bool =
         # the loader gets the joint code size; SAEBench sizes its per-latent metrics by d_sae
         cfg |= {"d_sae": d_sae + arrays["b_enc_c"].shape[0], "d_base": d_sae}
         cfg["d_concept"] = arrays["b_enc_c"].shape[0]
-    _write_atomically(out, cfg, arrays)
+    try:
+        _write_atomically(out, cfg, arrays)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        needed = sum(a.nbytes for a in arrays.values())
+        raise ExportError(str(disk_full_error(out, needed, error, "export again"))) from error
     return out
 
 
@@ -369,13 +412,21 @@ def _write_atomically(out: Path, cfg: dict[str, Any], arrays: dict[str, np.ndarr
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="run folder written by train.py")
     parser.add_argument("--out", type=Path, help=f"export folder (default RUN_DIR/{EXPORT_DIR})")
-    parser.add_argument("--force", action="store_true", help="replace an existing export folder")
-    args = parser.parse_args(argv)
+    parser.add_argument("--replace", action="store_true", help="replace an existing export folder")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="as --replace, and export a diverged or unfinished run too",
+    )
     try:
-        out = export_run(args.run_dir, args.out, force=args.force)
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error already printed as one line
+        return int(exit_.code or 0)
+    try:
+        out = export_run(args.run_dir, args.out, force=args.force, replace=args.replace)
     except (ExportError, OSError, json.JSONDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

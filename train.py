@@ -5,8 +5,9 @@
 
 Writes ``runs/<variant>_L<layer>/`` (see ``jax_sae.runs``): config.json, metrics.jsonl,
 checkpoints/, and at the end sae_params.safetensors, final_info.json (with the fast evaluation
-on held-out cached tokens) and plots/. A killed run continues bit for bit with ``--resume``.
-Bad input prints one ``error: ...`` line and exits with status 2.
+on held-out cached tokens) and plots/. A killed run continues bit for bit with ``--resume``;
+``--resume --steps N`` with N larger than before extends a run. Bad input, a damaged cache, a busy
+run folder, a full disk or a diverged run print one ``error: ...`` line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -29,9 +30,22 @@ from tqdm import tqdm
 
 from jax_sae import plots, runs
 from jax_sae.checkpoint import CheckpointError, Checkpoints
+from jax_sae.cli import OneLineParser
 from jax_sae.data import ActivationCache, CacheError, hook_name
 from jax_sae.defaults import adapt_hparams
 from jax_sae.diagnostics import make_grad_shares
+from jax_sae.disk import (
+    DiskFullError,
+    disk_full_error,
+    is_disk_full,
+    quiet_disk_full_in_threads,
+)
+from jax_sae.divergence import (
+    LOSS_BLOWUP_FACTOR,
+    MIN_EXPLAINED_VARIANCE,
+    DivergenceRule,
+    zero_reconstruction_loss,
+)
 from jax_sae.evaluate import EVAL_BATCH, evaluate
 from jax_sae.loader import (
     DEFAULT_BUFFER_CHUNKS,
@@ -40,7 +54,7 @@ from jax_sae.loader import (
     LoaderError,
     norm_scale,
 )
-from jax_sae.optim import make_optimizer
+from jax_sae.optim import make_optimizer, make_schedule
 from jax_sae.train_step import make_train_step
 from jax_sae.variants import (
     VARIANTS,
@@ -71,6 +85,8 @@ ONE_LINE_ERRORS = (
     UsageError,
     CheckpointError,
     TrainingError,
+    runs.RunFolderError,
+    DiskFullError,
 )
 """Bad input or a stopped run: reported as one ``error:`` line, exit status 2."""
 
@@ -91,7 +107,7 @@ def variants_help() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description=__doc__, epilog=variants_help(), formatter_class=argparse.RawTextHelpFormatter
     )
     p.add_argument("--cache", required=True, help="activation cache folder (make extract)")
@@ -127,6 +143,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"held-out tail of the cache (default: {DEFAULT_EVAL_TOKENS} or a tenth of the cache)",
     )
     p.add_argument("--dead-tokens", type=int, help="same as --set dead_tokens=N")
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="train on a cache whose extraction has not finished (only the shards listed now)",
+    )
+    p.add_argument(
+        "--diverge-loss-factor",
+        type=float,
+        default=LOSS_BLOWUP_FACTOR,
+        help="stop when the reconstruction loss exceeds this many times that of predicting zero "
+        "(inf: never; see jax_sae/divergence.py)",
+    )
+    p.add_argument(
+        "--diverge-min-ev",
+        type=float,
+        default=MIN_EXPLAINED_VARIANCE,
+        help="mark the run diverged when the held-out explained variance ends below this "
+        "(-inf: never)",
+    )
     return p.parse_args(argv)
 
 
@@ -162,6 +197,13 @@ def build_config(args: argparse.Namespace) -> tuple[dict, Any, Loader]:
             raise UsageError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
     spec = variant_spec(args.variant)
     cache = ActivationCache(args.cache)
+    if not cache.complete and not args.allow_incomplete:
+        raise UsageError(
+            f"cache {args.cache} is not complete ({cache.n_tokens} tokens in "
+            f"{len(cache.shard_sizes)} shards so far: extraction is running or was interrupted); "
+            "finish it (python -m extract ... --resume) or pass --allow-incomplete to train on "
+            "the shards listed now"
+        )
     overrides = parse_overrides(args.set)
     if args.dead_tokens is not None:
         overrides["dead_tokens"] = args.dead_tokens
@@ -185,12 +227,17 @@ def build_config(args: argparse.Namespace) -> tuple[dict, Any, Loader]:
     adapted = adapt_hparams(
         args.variant,
         d_in,
-        steps=steps,
+        steps=first_run_length(run_dir(args), args.resume) or steps,
         batch_size=args.batch_size,
         overrides=overrides,
         d_sae=d_sae,
     )
     variant = make_variant(args.variant, d_in, adapted.d_sae, **adapted.overrides)
+    hp = variant.hparams
+    try:  # the schedule checks lr and warm-up; fail before anything is written
+        make_schedule(hp["lr"], hp["warmup_steps"], steps, hp["lr_decay"])
+    except ValueError as error:
+        raise UsageError(f"{error}; change it with --set") from None
     config = {
         "variant": variant.name,
         "hparams": dict(variant.hparams),
@@ -201,6 +248,7 @@ def build_config(args: argparse.Namespace) -> tuple[dict, Any, Loader]:
         "layer": args.layer,
         "cache": runs.portable_path(cache.path),
         "cache_manifest_sha256": runs.manifest_sha256(cache),
+        "cache_complete": cache.complete,
         "model_name": cache_field(cache, "model_name", "model"),
         "hook_name": hook_name(args.layer),
         "ctx_len": cache_field(cache, "ctx_len", "context_size"),
@@ -220,29 +268,72 @@ def build_config(args: argparse.Namespace) -> tuple[dict, Any, Loader]:
         "loader": {"chunk_tokens": DEFAULT_CHUNK_TOKENS, "buffer_chunks": DEFAULT_BUFFER_CHUNKS},
         "checkpoint_every": args.checkpoint_every,
         "log_every": args.log_every,
+        "divergence": {
+            "loss_factor": args.diverge_loss_factor,
+            "min_explained_variance": args.diverge_min_ev,
+        },
         "versions": runs.library_versions(),
     }
     config["config_hash"] = runs.config_hash(config)
     return config, variant, loader
 
 
-def prepare_run_dir(out: Path, config: dict, resume: bool) -> None:
-    """Create the run folder, or check that ``--resume`` continues the same experiment."""
+def run_dir(args: argparse.Namespace) -> Path:
+    return Path(args.out or f"runs/{args.variant}_L{args.layer}")
+
+
+def first_run_length(out: Path, resume: bool) -> int | None:
+    """Steps the run in ``out`` was first started for: the defaults that adapt to the run length
+    keep their values when ``--resume --steps N`` extends it (None for a new run)."""
     config_file = out / runs.CONFIG
-    if not resume and (config_file.exists() or (out / "checkpoints").exists()):
+    if not (resume and config_file.exists()):
+        return None
+    old = runs.read_json(config_file)
+    return (old.get("extends") or [old])[0].get("steps")
+
+
+def prepare_run_dir(out: Path, config: dict, resume: bool) -> dict:
+    """Create the run folder, or check that ``--resume`` continues (or extends) the same
+    experiment; returns the config to record, marked running."""
+    config_file = out / runs.CONFIG
+    if not resume and runs.has_progress(out):
         raise UsageError(
             f"{out} already holds a run; pass --resume to continue it or choose another --out"
         )
-    if config_file.exists():
-        old = runs.read_json(config_file)
-        if old.get("config_hash") != config["config_hash"]:
-            keys = ", ".join(runs.differing_keys(old, config)) or "config hash"
-            raise UsageError(
-                f"cannot resume {out}: its config differs in {keys}; rerun with the original "
-                "flags or choose another --out"
-            )
+    if resume and config_file.exists():
+        config = continued_config(out, runs.read_json(config_file), config)
     out.mkdir(parents=True, exist_ok=True)
     runs.write_json(config_file, config)
+    runs.write_status(out, runs.RUNNING)
+    return config
+
+
+def continued_config(out: Path, old: dict, new: dict) -> dict:
+    """The config of a resumed run: the old one's history, plus an extension when ``--steps``
+    grew. Extending is exact only when the learning-rate schedule ignores the run length."""
+    extends = list(old.get("extends", []))
+    if old.get("config_hash") != new["config_hash"]:
+        keys = runs.differing_keys(old, new)
+        if keys != ["steps"]:
+            changed = "cache_manifest_sha256" in keys
+            hint = " (the cache changed since the run started)" if changed else ""
+            raise UsageError(
+                f"cannot resume {out}: its config differs in {', '.join(keys) or 'config hash'}"
+                f"{hint}; rerun with the original flags or choose another --out"
+            )
+        if new["steps"] < old["steps"]:
+            raise UsageError(
+                f"cannot resume {out} with --steps {new['steps']}: it was started for "
+                f"{old['steps']} steps; pass --steps {old['steps']} or more"
+            )
+        if new["hparams"]["lr_decay"] != "constant":
+            raise UsageError(
+                f"cannot extend {out}: lr_decay={new['hparams']['lr_decay']} depends on the run "
+                "length, so more steps would change the finished ones; train a new --out"
+            )
+        extends.append({"steps": old["steps"], "config_hash": old["config_hash"]})
+        print(f"extending {out} from {old['steps']} to {new['steps']} steps", file=sys.stderr)
+    return new | {"extends": extends} if extends else new
 
 
 @jax.jit
@@ -305,8 +396,19 @@ def initial_state(config: dict, variant: Any, opt: Any, loader: Loader) -> dict:
     }
 
 
-def train(config: dict, variant: Any, loader: Loader, out: Path, resume: bool) -> tuple:
-    """The training loop; returns the final (params, reg_state, last logged record)."""
+def diverged(out: Path, message: str) -> TrainingError:
+    """Mark the run diverged (the exporter then refuses it) and return the error to raise."""
+    runs.write_status(out, runs.DIVERGED, reason=message)
+    return TrainingError(message)
+
+
+def train(
+    config: dict, variant: Any, loader: Loader, out: Path, resume: bool, rule: DivergenceRule
+) -> tuple:
+    """The training loop; returns the final (params, reg_state, last logged record).
+
+    Stops with a TrainingError, keeping the last good checkpoint, at a non-finite loss or when
+    ``rule`` sees the loss blow up."""
     steps, batch_size = config["steps"], config["batch_size"]
     hp = variant.hparams
     opt = make_optimizer(
@@ -324,10 +426,14 @@ def train(config: dict, variant: Any, loader: Loader, out: Path, resume: bool) -
     with Checkpoints(out / "checkpoints") as checkpoints:
         latest = checkpoints.latest_step() if resume else None
         if latest is not None:
-            state, _ = checkpoints.restore(latest, state, config["config_hash"])
+            state, _ = checkpoints.restore(latest, state, runs.accepted_hashes(config))
             start = latest
             print(f"resuming {out} at step {start} of {steps}", file=sys.stderr)
         metrics_log.truncate_after(start)
+        stats = loader.cache.layer_stats(config["layer"])
+        zero_loss = zero_reconstruction_loss(
+            stats["mean_sq_norm"] * config["norm_scale"] ** 2, hp["recon"]
+        )
         if config["epochs"] > 1:
             print(
                 f"{config['tokens']} training tokens from {loader.n_train} in the cache: "
@@ -335,15 +441,30 @@ def train(config: dict, variant: Any, loader: Loader, out: Path, resume: bool) -
                 file=sys.stderr,
             )
         window = MetricsWindow(batch_size, start)
+        remedy = "lower the learning rate (--set lr=...)" + (
+            "" if config["normalize"] else " or train with --normalize"
+        )
+
+        def last_good() -> str:
+            latest = checkpoints.latest_step()
+            if latest is None:
+                return "no checkpoint was saved yet"
+            return f"the last good checkpoint is step {latest} in {checkpoints.directory}"
 
         def stop_if_not_finite() -> None:
             bad = window.bad_step()
             if bad is not None:
-                raise TrainingError(
-                    f"loss is not finite at step {bad}; stopped without saving, the last good "
-                    f"checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory} "
-                    "(check the cache for NaN rows or lower the learning rate)"
+                raise diverged(
+                    out,
+                    f"loss is not finite at step {bad}; stopped without saving, {last_good()}. "
+                    "The inputs read were finite and matched their checksums, so the "
+                    f"optimisation diverged: {remedy}",
                 )
+
+        def stop_if_diverged(record: dict) -> None:
+            reason = rule.loss_reason(record, zero_loss)
+            if reason is not None:
+                raise diverged(out, f"the run diverged: {reason}; stopped, {last_good()}; {remedy}")
 
         def save(done: int) -> None:
             stop_if_not_finite()
@@ -381,6 +502,7 @@ def train(config: dict, variant: Any, loader: Loader, out: Path, resume: bool) -
                         record |= {key: float(value) for key, value in shares.items()}
                         window.restart_clock(done)
                         metrics_log.append(record)
+                        stop_if_diverged(record)
                         bar.set_postfix(
                             loss=f"{record['loss']:.4g}",
                             L0=f"{record['l0']:.1f}",
@@ -468,18 +590,60 @@ def finish(
     return info
 
 
+def run(
+    args: argparse.Namespace, out: Path, config: dict, variant: Any, loader: Loader
+) -> tuple[dict, dict]:
+    """Train (or continue) the run in ``out``, which this process holds locked; returns the
+    final info and the last logged record. A full disk becomes a DiskFullError naming the path
+    and the space needed."""
+    rule = DivergenceRule(args.diverge_loss_factor, args.diverge_min_ev)
+    quiet_disk_full_in_threads()
+    try:
+        config = prepare_run_dir(out, config, args.resume)
+        params, reg_state, record = train(config, variant, loader, out, args.resume, rule)
+        info = finish(config, variant, loader, out, params, reg_state, record)
+    except DiskFullError:  # checked before writing: it names exactly what did not fit
+        raise
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        resume = "rerun with --resume"
+        raise disk_full_error(out, runs.space_to_finish(config), error, resume) from error
+    fast_eval = info[f"training results for layer {config['layer']}"][runs.FAST_EVAL_KEY]
+    first = runs.MetricsLog(out / runs.METRICS).read()[0]
+    reason = rule.eval_reason(fast_eval, first, record)
+    if reason is None and (warning := rule.eval_warning(fast_eval)):
+        print(f"warning: {warning}", file=sys.stderr)
+    if reason is not None:
+        raise diverged(
+            out,
+            f"the run diverged: {reason}; its weights are kept in {out} but marked diverged, so "
+            "the exporter refuses them without --force; lower the learning rate (--set lr=...)",
+        )
+    runs.write_status(out, runs.FINISHED, step=config["steps"])
+    return info, record
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error already printed as one line
+        return int(exit_.code or 0)
     try:
         config, variant, loader = build_config(args)
-        out = Path(args.out or f"runs/{args.variant}_L{args.layer}")
-        prepare_run_dir(out, config, args.resume)
+        out = run_dir(args)
         for note in config["adapted_defaults"]:
             print(f"default adapted: {note}", file=sys.stderr)
         for warning in config["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)
-        params, reg_state, record = train(config, variant, loader, out, args.resume)
-        info = finish(config, variant, loader, out, params, reg_state, record)
+        lock = runs.RunLock(out)
+        stale = lock.acquire()
+        if stale is not None:
+            print(f"took over the lock of pid {stale}, which is no longer running", file=sys.stderr)
+        try:
+            info, record = run(args, out, config, variant, loader)
+        finally:
+            lock.release()
     except ONE_LINE_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

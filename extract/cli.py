@@ -11,7 +11,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+
+from jax_sae.cli import OneLineParser
 
 _DEFAULTS = {
     "model": "google/gemma-2-2b",
@@ -40,14 +41,8 @@ def parse_count(text: str) -> int:
     return int(value)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One line, like every other error of the project (argparse adds the usage text)."""
-        self.exit(2, f"error: {message} (see python -m extract --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m extract",
         description="Cache residual-stream activations of a causal LM (SPEC 2).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -45,6 +45,7 @@ from extract.sources import (
     resolve_model,
 )
 from jax_sae.data import CacheWriter, hook_name
+from jax_sae.disk import DiskFullError, disk_full_error, is_disk_full
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_SHARD_TOKENS = 131_072  # ~600 MB per layer and shard for Gemma-2-2b in bfloat16
@@ -430,6 +431,9 @@ class Extraction:
         self.source = resolve_model(cfg.model, cfg.revision)
         self.dataset = resolve_dataset(cfg.dataset, cfg.split, cfg.text_field)
         self.out = Path(cfg.out) if cfg.out is not None else default_out(cfg, self.dataset)
+        if self.out.exists() and not self.out.is_dir():
+            raise ExtractError(f"--out {self.out} is a file; pass a folder for the cache")
+        self.writer: CacheWriter | None = None
         self.texts = self._open_texts()
         model, self.tokenizer = load_model(
             self.source, TORCH_DTYPES[self.model_dtype], cfg.attn_implementation
@@ -456,7 +460,7 @@ class Extraction:
     def run(self) -> Path:
         """Extract until ``cfg.tokens`` are cached (or the data ends); resumable at any point."""
         cfg = self.cfg
-        writer = CacheWriter(
+        self.writer = writer = CacheWriter(
             self.out,
             layers=[p.layer for p in self.points],
             d_model=self.d_model,
@@ -537,6 +541,12 @@ class Extraction:
             ready.record()
         return HostBatch(acts, tokens, positions, n_texts, ready)
 
+    def bytes_still_needed(self) -> int:
+        """What the shards still to be written take on disk (all layers, tokens, positions)."""
+        done = self.writer.n_tokens if self.writer is not None else 0
+        per_token = len(self.points) * self.d_model * self.storage.itemsize + 8
+        return max(self.cfg.tokens - done, 0) * per_token
+
 
 def _below_norm_limit(rows: dict[int, torch.Tensor], factor: float) -> torch.Tensor:
     """Host bool mask of tokens whose norm is <= factor x the batch median at every layer."""
@@ -550,9 +560,19 @@ def _below_norm_limit(rows: dict[int, torch.Tensor], factor: float) -> torch.Ten
 
 def extract(cfg: ExtractConfig) -> Path:
     """Run one extraction; returns the cache folder."""
+    extraction = None
     try:
-        return Extraction(cfg).run()
+        extraction = Extraction(cfg)
+        return extraction.run()
     except torch.cuda.OutOfMemoryError as e:
         raise ExtractError(
             f"out of GPU memory ({first_line(e)}); lower --batch-size (resume with --resume)"
         ) from e
+    except DiskFullError as e:  # checked before writing a shard: it names what did not fit
+        raise ExtractError(str(e)) from e
+    except OSError as e:
+        if extraction is None or not is_disk_full(e):
+            raise
+        needed = extraction.bytes_still_needed()
+        error = disk_full_error(extraction.out, needed, e, "rerun with --resume")
+        raise ExtractError(str(error)) from e

@@ -188,6 +188,8 @@ def resolve_dataset(names: Sequence[str], split: str, text_field: str) -> Datase
         for name, path in zip(names, paths, strict=True):
             if not path.is_file():
                 raise ExtractError(f"dataset file '{name}' does not exist")
+            if path.stat().st_size == 0:
+                raise ExtractError(f"dataset file '{name}' is empty; pass a file with texts")
         suffixes = {p.suffix for p in paths}
         if len(suffixes) > 1 or not suffixes <= DATA_FILE_BUILDERS.keys():
             raise ExtractError(
@@ -244,3 +246,8 @@ def iter_texts(source: DatasetSource) -> Iterator[str]:
         raise
     except (OSError, ValueError, KeyError, datasets.exceptions.DatasetsError) as e:
         raise ExtractError(f"cannot read dataset '{source.names[0]}': {first_line(e)}") from e
+    except RuntimeError as e:  # `datasets` lets a StopIteration escape on data it cannot parse
+        raise ExtractError(
+            f"cannot read dataset '{source.names[0]}' ({first_line(e)}); check that it is a "
+            "non-empty file of the format its suffix names"
+        ) from e

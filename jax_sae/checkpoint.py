@@ -8,13 +8,18 @@ one is committed, so a kill at any moment leaves the last good checkpoint in pla
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from jax_sae.disk import require_space
+
 DEFAULT_KEEP = 3
+WRITE_OVERHEAD = 1 << 20
+"""Bytes a checkpoint takes beyond its arrays (orbax metadata), with room to spare."""
 
 
 class CheckpointError(RuntimeError):
@@ -42,6 +47,13 @@ class Checkpoints:
         """
         if step in self._manager.all_steps():
             return
+        state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+        require_space(
+            self.directory,
+            state_bytes + WRITE_OVERHEAD,
+            f"checkpoint {step}",
+            "rerun with --resume",
+        )
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
         )
@@ -55,14 +67,19 @@ class Checkpoints:
         )
         return dict(restored.record)
 
-    def restore(self, step: int, like: Any, config_hash: str) -> tuple[Any, dict]:
+    def restore(
+        self, step: int, like: Any, config_hashes: str | Collection[str]
+    ) -> tuple[Any, dict]:
         """Restore checkpoint ``step`` into the structure, shapes and dtypes of ``like``.
 
-        Refuses a checkpoint written under another configuration: continuing it would silently
-        mix two experiments.
+        Refuses a checkpoint written under a configuration not in ``config_hashes`` (a run's
+        own, plus those of the shorter runs it extends): continuing it would silently mix two
+        experiments.
         """
+        if isinstance(config_hashes, str):
+            config_hashes = {config_hashes}
         record = self.read_record(step)
-        if record.get("config_hash") != config_hash:
+        if record.get("config_hash") not in config_hashes:
             raise CheckpointError(
                 f"checkpoint {step} in {self.directory} belongs to a run with a different "
                 "config; rerun with the original flags or choose a new --out"

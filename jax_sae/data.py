@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from jax_sae.disk import require_space
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -32,6 +36,12 @@ STORAGE_DTYPES = {
     "float32": np.dtype(np.float32),
 }
 _CRC_BLOCK = 1 << 24  # bytes hashed per call; keeps memory flat on multi-GB shards
+EXPONENT_MASKS = {2: np.uint16(0x7F80), 4: np.uint32(0x7F800000)}
+"""Exponent bits of bfloat16 / float32 (float16 below): all ones means NaN or inf."""
+FLOAT16_EXPONENT = np.uint16(0x7C00)
+WRITE_OVERHEAD = 1 << 20  # .npy headers and the manifest, with room to spare
+MANIFEST_FIELDS = {"layers": list, "d_model": int, "dtype": str, "shards": list, "stats": dict}
+SHARD_FIELDS = {"index": int, "n_tokens": int, "crc32": dict}
 
 
 class CacheError(ValueError):
@@ -53,11 +63,36 @@ def _layer_kind(layer: int) -> str:
 
 
 def _array_crc32(array: np.ndarray) -> int:
-    view = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-    crc = 0
-    for start in range(0, len(view), _CRC_BLOCK):
-        crc = zlib.crc32(view[start : start + _CRC_BLOCK], crc)
-    return crc
+    return scan_array(array, check_finite=False)[0]
+
+
+def _non_finite_mask(raw: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    """Where a block of raw float bits is NaN/inf (exponent all ones); None for integer data."""
+    if dtype.kind not in "fV":
+        return None
+    mask = FLOAT16_EXPONENT if dtype == np.float16 else EXPONENT_MASKS[dtype.itemsize]
+    return (raw & mask) == mask
+
+
+def scan_array(array: np.ndarray, check_finite: bool = True) -> tuple[int, int | None]:
+    """One streamed pass over an array's bytes: (CRC32, first row holding NaN/inf or None).
+
+    Blocks of ``_CRC_BLOCK`` bytes keep memory flat on multi-GB memory-mapped shards; the finite
+    check reads the float bits as integers, which costs about as much as the CRC itself.
+    """
+    flat = np.ascontiguousarray(array).reshape(-1)
+    uint = {2: np.uint16, 4: np.uint32}.get(flat.dtype.itemsize) if check_finite else None
+    row_size = max(int(np.prod(array.shape[1:])), 1)
+    step = max(_CRC_BLOCK // flat.dtype.itemsize, 1)
+    crc, bad_row = 0, None
+    for start in range(0, len(flat), step):
+        block = flat[start : start + step]
+        crc = zlib.crc32(memoryview(block.view(np.uint8)), crc)
+        if bad_row is None and uint is not None:
+            bad = _non_finite_mask(block.view(uint), array.dtype)
+            if bad is not None and bad.any():
+                bad_row = (start + int(np.argmax(bad))) // row_size
+    return crc, bad_row
 
 
 def _fsync_dir(path: Path) -> None:
@@ -79,8 +114,12 @@ def _write_atomic(path: Path, write: Any) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Atomically replace a JSON file (used for the manifest and run metadata)."""
-    data = json.dumps(obj, indent=1).encode()
+    """Atomically replace a JSON file (used for the manifest and run metadata).
+
+    Strict JSON: a NaN or inf raises ValueError here rather than writing a file other tools
+    cannot parse.
+    """
+    data = json.dumps(obj, indent=1, allow_nan=False).encode()
     _write_atomic(Path(path), lambda f: f.write(data))
     _fsync_dir(Path(path).parent)
 
@@ -94,14 +133,38 @@ def _read_manifest(path: Path) -> dict:
         )
     try:
         manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"{file} is not valid JSON ({e}); re-run the extraction") from e
+    if not isinstance(manifest, dict):
+        raise CacheError(
+            f"{file} holds a JSON {type(manifest).__name__}, not an object; the manifest is "
+            "damaged, re-run the extraction"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheError(
             f"{file} has format version {manifest.get('format_version')!r}, this code reads "
             f"{FORMAT_VERSION}; re-extract the cache with this version"
         )
+    _check_fields(file, "", manifest, MANIFEST_FIELDS)
+    if manifest["dtype"] not in STORAGE_DTYPES:
+        raise CacheError(
+            f"{file} gives dtype {manifest['dtype']!r}, not one of {list(STORAGE_DTYPES)}; the "
+            "manifest is damaged, re-run the extraction"
+        )
+    for position, shard in enumerate(manifest["shards"]):
+        _check_fields(file, f"shards[{position}].", shard, SHARD_FIELDS)
     return manifest
+
+
+def _check_fields(file: Path, where: str, entry: Any, fields: dict[str, type]) -> None:
+    """Each of ``fields`` present in ``entry`` with its JSON type, else a CacheError naming it."""
+    for name, kind in fields.items():
+        value = entry.get(name) if isinstance(entry, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CacheError(
+                f"{file} lacks a valid '{where}{name}' ({kind.__name__}); the manifest is "
+                "damaged or not written by this project, re-run the extraction"
+            )
 
 
 class CacheWriter:
@@ -224,6 +287,8 @@ class CacheWriter:
             row_sq_norms = np.einsum("ij,ij->i", stored32, stored32)
             sums[layer] = (stored32.sum(0, dtype=np.float64), row_sq_norms.sum(dtype=np.float64))
             arrays[_layer_kind(layer)] = stored
+        shard_bytes = sum(array.nbytes for array in arrays.values()) + WRITE_OVERHEAD
+        require_space(self.path, shard_bytes, f"shard {index}", "resume the extraction (--resume)")
         checksums = {}
         for kind, array in arrays.items():
             (self.path / kind).mkdir(exist_ok=True)
@@ -252,14 +317,22 @@ class CacheWriter:
 class ShardedArray:
     """Several memory-mapped shards read as one array along axis 0, converted to a numpy dtype.
 
-    ``x[a:b]`` and ``x[index_array]`` read only the shards they touch. ``.shards`` gives the raw
-    memory maps for callers that want large contiguous reads in the storage dtype.
+    ``x[a:b]`` and ``x[index_array]`` read only the shards they touch; ``np.asarray(x)`` reads all.
+    ``.shards`` gives the raw memory maps for callers that want large contiguous reads in the
+    storage dtype. ``before_read(s)``, if given, runs before any row of shard ``s`` is read (the
+    cache uses it to check each shard once).
     """
 
-    def __init__(self, shards: list[np.ndarray], out_dtype: np.dtype) -> None:
+    def __init__(
+        self,
+        shards: list[np.ndarray],
+        out_dtype: np.dtype,
+        before_read: Callable[[int], None] | None = None,
+    ) -> None:
         self.shards = shards
         self.out_dtype = np.dtype(out_dtype)
         self.offsets = np.cumsum([0] + [len(s) for s in shards])
+        self.before_read = before_read
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -268,12 +341,35 @@ class ShardedArray:
     def shape(self) -> tuple[int, ...]:
         return (len(self), *self.shards[0].shape[1:]) if self.shards else (0,)
 
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype rows are returned in (not the storage dtype of ``.shards``)."""
+        return self.out_dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        """``np.asarray(x)``: every row, as ``x[:]`` (always a fresh array)."""
+        if copy is False:
+            raise ValueError("a ShardedArray is read from disk; np.asarray cannot avoid a copy")
+        rows = self[:]
+        return rows if dtype is None else rows.astype(dtype, copy=False)
+
+    def _touch(self, shard: int) -> np.ndarray:
+        if self.before_read is not None:
+            self.before_read(shard)
+        return self.shards[shard]
+
     def __getitem__(self, key: slice | np.ndarray | Sequence[int]) -> np.ndarray:
         if isinstance(key, slice):
             start, stop, step = key.indices(len(self))
             if step != 1:
                 return self[np.arange(start, stop, step)]
-            return self._read_range(start, stop)
+            out = np.empty((max(stop - start, 0), *self.shape[1:]), self.out_dtype)
+            self.read_into(start, stop, out)
+            return out
         index = np.asarray(key)
         if index.dtype == bool:
             index = np.flatnonzero(index)
@@ -286,28 +382,31 @@ class ShardedArray:
         shard_of = np.searchsorted(self.offsets, index, side="right") - 1
         for s in np.unique(shard_of):
             rows = shard_of == s
-            out[rows] = self.shards[s][index[rows] - self.offsets[s]]
+            out[rows] = self._touch(s)[index[rows] - self.offsets[s]]
         return out
 
-    def _read_range(self, start: int, stop: int) -> np.ndarray:
-        parts = []
-        for s, shard in enumerate(self.shards):
-            lo, hi = max(start, self.offsets[s]), min(stop, self.offsets[s + 1])
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Copy rows ``[start, stop)`` straight from the memory maps into ``out`` (one copy)."""
+        for s in range(len(self.shards)):
+            lo, hi = max(start, int(self.offsets[s])), min(stop, int(self.offsets[s + 1]))
             if lo < hi:
-                parts.append(shard[lo - self.offsets[s] : hi - self.offsets[s]])
-        if not parts:
-            return np.empty((0, *self.shape[1:]), self.out_dtype)
-        return np.concatenate(parts).astype(self.out_dtype, copy=False)
+                shard = self._touch(s)
+                out[lo - start : hi - start] = shard[lo - self.offsets[s] : hi - self.offsets[s]]
 
 
 class ActivationCache:
     """Read-only view of a cache folder, validated on open.
 
     Opening checks the manifest, every listed shard's presence, dtype and shape (a truncated file
-    fails here); ``verify=True`` also recomputes checksums, which reads every byte.
+    fails here). Reading checks the rest: the first time any row of a shard is read, the whole
+    shard's CRC32 is recomputed and its values checked for NaN/inf (``check_on_read``, on by
+    default), so nothing is ever returned from a corrupted shard, and each shard costs one extra
+    streamed pass, once. ``verify=True`` checks every shard up front instead.
     """
 
-    def __init__(self, path: str | os.PathLike, verify: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike, verify: bool = False, check_on_read: bool = True
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
             raise CacheError(f"activation cache {self.path} does not exist; run `make extract`")
@@ -325,6 +424,9 @@ class ActivationCache:
             kind: [self._open(kind, s, shape, dtype) for s in self.manifest["shards"]]
             for kind, (shape, dtype) in kinds.items()
         }
+        self.check_on_read = check_on_read
+        self._checked: set[tuple[str, int]] = set()
+        self._check_lock = threading.Lock()
         if verify:
             self.verify()
 
@@ -350,15 +452,45 @@ class ActivationCache:
             )
         return array
 
+    def check_shard(self, kind: str, position: int) -> None:
+        """Recompute one shard's CRC32 and look for NaN/inf, once per cache object.
+
+        Raises CacheError naming the file (and the first bad row): a flipped byte or a
+        non-finite row must stop the reader before it hands out anything from that shard.
+        """
+        if (kind, position) in self._checked:
+            return
+        with self._check_lock:  # the loader reads on a helper thread
+            if (kind, position) in self._checked:
+                return
+            shard = self.manifest["shards"][position]
+            file = self.path / shard_file(kind, shard["index"])
+            expected = shard["crc32"].get(kind)
+            if expected is None:
+                raise CacheError(f"manifest lists no checksum for {file}; re-extract the cache")
+            crc, bad_row = scan_array(self._maps[kind][position])
+            if crc != expected:
+                raise CacheError(
+                    f"checksum mismatch in {file}; the cache is corrupted, re-extract it"
+                )
+            if bad_row is not None:
+                raise CacheError(
+                    f"{file} row {bad_row} (cache row {sum(self.shard_sizes[:position]) + bad_row})"
+                    " holds NaN/inf; the cache was written by a tool that does not check values, "
+                    "re-extract it"
+                )
+            self._checked.add((kind, position))
+
     def verify(self) -> None:
-        """Recompute every shard checksum; raises CacheError naming the first bad file."""
+        """Check every shard now (see ``check_shard``); raises CacheError naming the first bad
+        file."""
         for kind, maps in self._maps.items():
-            for shard, array in zip(self.manifest["shards"], maps, strict=True):
-                if _array_crc32(array) != shard["crc32"][kind]:
-                    file = self.path / shard_file(kind, shard["index"])
-                    raise CacheError(
-                        f"checksum mismatch in {file}; the cache is corrupted, re-extract it"
-                    )
+            for position in range(len(maps)):
+                self.check_shard(kind, position)
+
+    def _array(self, kind: str, out_dtype: np.dtype) -> ShardedArray:
+        check = partial(self.check_shard, kind) if self.check_on_read else None
+        return ShardedArray(self._maps[kind], out_dtype, before_read=check)
 
     def _check_layer(self, layer: int) -> None:
         if layer not in self.layers:
@@ -370,13 +502,18 @@ class ActivationCache:
     def acts(self, layer: int) -> ShardedArray:
         """Activations of one layer as float32 rows."""
         self._check_layer(layer)
-        return ShardedArray(self._maps[_layer_kind(layer)], np.float32)
+        return self._array(_layer_kind(layer), np.float32)
+
+    def raw_acts(self, layer: int) -> ShardedArray:
+        """Activations of one layer in the storage dtype (checked on read like ``acts``)."""
+        self._check_layer(layer)
+        return self._array(_layer_kind(layer), self.dtype)
 
     def tokens(self) -> ShardedArray:
-        return ShardedArray(self._maps["tokens"], np.int32)
+        return self._array("tokens", np.int32)
 
     def positions(self) -> ShardedArray:
-        return ShardedArray(self._maps["positions"], np.int32)
+        return self._array("positions", np.int32)
 
     def sequence_starts(self) -> np.ndarray:
         """True where a token has no predecessor in the cache (its position is not prev + 1).

@@ -161,7 +161,7 @@ class _HostBuffer:
         self.rows = np.empty((sum(b - lo for lo, _, b in reads), raw.shape[1]), raw.out_dtype)
         token_rows, out = [], 0
         for lo, a, b in reads:
-            _read_into(raw, lo, b, self.rows[out : out + b - lo])
+            raw.read_into(lo, b, self.rows[out : out + b - lo])
             token_rows.append(np.arange(out + a - lo, out + b - lo))
             out += b - lo
         self.x_rows = np.concatenate(token_rows)[permutation]
@@ -178,14 +178,6 @@ class _HostBuffer:
             batch["x_prev"] = self.rows[self.prev_rows[lo:hi]]
             batch["seq_start"] = self.seq_start[lo:hi]
         return batch
-
-
-def _read_into(raw: ShardedArray, start: int, stop: int, out: np.ndarray) -> None:
-    """Copy rows ``[start, stop)`` from the shard memory maps straight into ``out``."""
-    for s, shard in enumerate(raw.shards):
-        lo, hi = max(start, int(raw.offsets[s])), min(stop, int(raw.offsets[s + 1]))
-        if lo < hi:
-            out[lo - start : hi - start] = shard[lo - raw.offsets[s] : hi - raw.offsets[s]]
 
 
 class Loader:
@@ -213,13 +205,13 @@ class Loader:
             )
         if batch_size <= 0 or chunk_tokens <= 0 or buffer_chunks <= 0 or seed < 0:
             raise LoaderError("batch size, chunk tokens and buffer chunks must be > 0, seed >= 0")
-        acts = cache.acts(layer)  # raises CacheError naming the available layers
         self.cache = cache
         self.layer = layer
         self.scale = float(scale)
         self.prefetch = prefetch
         self.sharding = sharding
-        self._raw = ShardedArray(acts.shards, cache.dtype)
+        # storage dtype; each shard's checksum is checked on its first read (helper thread)
+        self._raw = cache.raw_acts(layer)  # raises CacheError naming the available layers
         self.train_end = heldout_start(cache, eval_tokens)
         temporal = "x_prev" in batch_keys or "seq_start" in batch_keys
         self._seq_starts = cache.sequence_starts() if temporal else None
@@ -323,7 +315,7 @@ class Loader:
         ]:
             stop = min(a + per_window, self.train_end)
             rows = np.empty((stop - a, self.cache.d_model), self.cache.dtype)
-            _read_into(self._raw, a, stop, rows)
+            self._raw.read_into(a, stop, rows)
             parts.append(rows)
         return self._finish({"x": np.concatenate(parts)})["x"]
 
@@ -332,7 +324,7 @@ class Loader:
         for start in range(self.train_end, self.cache.n_tokens, batch_size):
             stop = min(start + batch_size, self.cache.n_tokens)
             rows = np.empty((stop - start, self.cache.d_model), self.cache.dtype)
-            _read_into(self._raw, start, stop, rows)
+            self._raw.read_into(start, stop, rows)
             yield rows.astype(np.float32)
 
 

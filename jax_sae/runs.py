@@ -6,12 +6,18 @@
 ``checkpoints/``       orbax (``jax_sae.checkpoint``)
 ``plots/*.png``        ``jax_sae.plots``
 ``sae_params.safetensors``  float32 weights with SAELens names (what the exporter reads)
+``status.json``        running / finished / diverged: the exporter refuses all but finished
+``train.lock``         present while a trainer uses the folder; holds its pid
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import math
+import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,9 @@ CONFIG = "config.json"
 FINAL_INFO = "final_info.json"
 METRICS = "metrics.jsonl"
 PARAMS = "sae_params.safetensors"
+STATUS = "status.json"
+LOCK = "train.lock"
+RUNNING, FINISHED, DIVERGED = "running", "finished", "diverged"
 FAST_EVAL_KEY = "fast evaluation results"
 """Where the built-in held-out evaluation goes, next to the template's "config"/"final_info"."""
 
@@ -87,13 +96,118 @@ def differing_keys(old: dict, new: dict) -> list[str]:
     return keys
 
 
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be used right now; the message names the fix."""
+
+
+def has_progress(folder: Path) -> bool:
+    """Whether a run folder holds trained state (a checkpoint or final weights). A folder with
+    only a config was never trained a step: starting it afresh loses nothing."""
+    checkpoints = Path(folder) / "checkpoints"
+    saved = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    return saved or (Path(folder) / PARAMS).exists()
+
+
+def accepted_hashes(config: dict) -> set[str]:
+    """Config hashes whose checkpoints this run may restore: its own and those it extends."""
+    return {config["config_hash"]} | {e["config_hash"] for e in config.get("extends", [])}
+
+
+def space_to_finish(config: dict) -> int:
+    """Rough bytes a run still writes: one checkpoint (float32 weights and Adam's two moments)
+    being saved beside the kept ones, and the final weights."""
+    n_weights = 2 * config["d_in"] * config["d_sae"] + 2 * config["d_sae"] + config["d_in"]
+    return 4 * n_weights * (3 + 1)
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None: JSON has no such numbers, and Python's
+    ``NaN`` token breaks strict parsers (jq, JavaScript, pandas' strict mode)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: strict_json(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(value) for value in obj]
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> None:
-    """Atomic write: a kill leaves the old file or the new one, never half of one."""
-    write_json_atomic(Path(path), obj)
+    """Atomic, strict-JSON write: a kill leaves the old file or the new one, never half of one;
+    non-finite numbers become null."""
+    write_json_atomic(Path(path), strict_json(obj))
+
+
+def write_status(folder: Path, state: str, **details: Any) -> None:
+    """``status.json``: whether the run's weights may be used (see the module docstring)."""
+    write_json(Path(folder) / STATUS, {"state": state, **details})
+
+
+def read_status(folder: Path) -> dict | None:
+    """The run's status, or None for a folder written before status files existed."""
+    file = Path(folder) / STATUS
+    return read_json(file) if file.exists() else None
+
+
+class RunLock:
+    """Exclusive use of a run folder by one trainer, through ``train.lock`` (holding its pid).
+
+    The lock is an advisory ``flock`` on that file. The kernel drops it when the owner exits,
+    however it exits (SIGKILL included), so a lock file left by a dead process is stale by
+    construction and the next trainer takes it over; while the owner lives, a second trainer
+    fails at once instead of interleaving metrics and checkpoints with it.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns the pid text of a stale lock that was taken over, if any.
+
+        Raises RunFolderError naming the live owner's pid.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunFolderError(
+                    f"{self.path.parent} is in use by another trainer (pid {owner}, lock "
+                    f"{self.path}); wait for it to finish or choose another --out"
+                ) from None
+            except OSError as error:  # a file system without locks (some network mounts)
+                os.close(fd)
+                raise RunFolderError(
+                    f"cannot lock {self.path} ({error.strerror}); put --out on a file system "
+                    "that supports file locks"
+                ) from None
+            # the previous owner may have removed the file between our open and our flock
+            if os.path.exists(self.path) and os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                break
+            os.close(fd)
+        previous = os.read(fd, 64).decode(errors="replace").strip()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return previous or None
+
+    def release(self) -> None:
+        """Remove the lock file, then drop the lock (in that order: no one locks a removed file
+        they could not see)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
 
 
 class MetricsLog:
@@ -125,7 +239,7 @@ class MetricsLog:
 
     def append(self, record: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(strict_json(record)) + "\n")
 
 
 def final_info(

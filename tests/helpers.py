@@ -1,12 +1,15 @@
 """Test helpers shared by the variant tests: tolerant comparison, the NumPy backward pass of a
-ReLU SAE, and a short real training run."""
+ReLU SAE, a short real training run, and in-place damage to a cache."""
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_sae.data import MANIFEST, STORAGE_DTYPES, scan_array, shard_file, write_json_atomic
 from jax_sae.optim import make_optimizer
 from jax_sae.train_step import make_train_step
 
@@ -51,3 +54,29 @@ def train_briefly(
         )
     after, _ = loss_fn(params, variant.init_state(), held_out, 0)
     return float(before), float(after), params, state, metrics
+
+
+def poke_cache(
+    cache: Path, kind: str, row: int, value: float, column: int = 0, keep_checksum: bool = False
+) -> Path:
+    """Overwrite one stored value of cache row ``row`` in place; returns the shard file.
+
+    ``keep_checksum`` recomputes the manifest's CRC32, as a cache written by a tool that never
+    checked its values would have it (the damage is then visible only in the values).
+    """
+    manifest = json.loads((cache / MANIFEST).read_text())
+    offsets = np.cumsum([0] + [s["n_tokens"] for s in manifest["shards"]])
+    position = int(np.searchsorted(offsets, row, side="right")) - 1
+    shard = manifest["shards"][position]
+    file = cache / shard_file(kind, shard["index"])
+    array = np.load(file, mmap_mode="r+")
+    if kind.startswith("L"):
+        array = array.view(STORAGE_DTYPES[manifest["dtype"]])
+        array[row - offsets[position], column] = value
+    else:
+        array[row - offsets[position]] = value
+    array.flush()
+    if keep_checksum:
+        shard["crc32"][kind] = scan_array(array, check_finite=False)[0]
+        write_json_atomic(cache / MANIFEST, manifest)
+    return file

@@ -203,7 +203,7 @@ def test_existing_export_is_never_overwritten_without_force(tmp_path, capsys):
     save_file(random_arrays("standard", np.random.default_rng(5)), run / ex.RUN_WEIGHTS)
     assert ex.main([str(run)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "--force" in err and err.count("\n") == 1
+    assert err.startswith("error: ") and "--replace" in err and err.count("\n") == 1
     assert (out / "sae_weights.safetensors").read_bytes() == before
     assert ex.main([str(run), "--force"]) == 0
     assert (out / "sae_weights.safetensors").read_bytes() != before
