@@ -42,7 +42,7 @@ DEMO_TRAIN := --cache $(DEMO_CACHE) --layer 2 --normalize --tokens 1000000 --dea
 	--set d_sae=512 --set lr=0.003 --set warmup_steps=20 --resume
 
 .PHONY: setup setup-eval test lint extract tiny-model train export-eval compare demo bench clean \
-	synth synth-eval
+	synth synth-eval synth-bench
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -110,6 +110,10 @@ demo: tiny-model setup-eval
 		--core-reconstruction-batches 10 --core-sparsity-variance-batches 20
 	$(PY) -m jax_sae.compare $(DEMO_RUNS) --out runs/demo_compare
 	cat runs/demo_compare/comparison.md
+
+# each research variant against its baseline on the world built for it -> benchmarks/SYNTH.md
+synth-bench: setup setup-eval
+	$(PY) benchmarks/synth_bench.py $(BENCH_FLAGS)
 
 bench: setup
 	mkdir -p benchmarks/out

@@ -310,6 +310,21 @@ class JumpReLUSAE(ReLUSAE):
         }
 
 
+def _default_n_concepts(d_sae: int) -> int:
+    return max(d_sae // 64, 1)
+
+
+def _default_k_c(d_sae: int) -> int:
+    """32, or half the concepts of a dictionary too small for 32."""
+    return min(32, max(1, _default_n_concepts(d_sae) // 2))
+
+
+def _default_k_b(d_sae: int) -> int:
+    """288, or half the eligible base latents (the `check_hparams` guard) when fewer."""
+    n_concepts = _default_n_concepts(d_sae)
+    return min(288, max(1, _default_k_c(d_sae) * (d_sae // n_concepts) // 2))
+
+
 @dataclass(frozen=True)
 class TwoLevelForward(Forward):
     """`two_level`: `pre`, `h` are the base level (F latents); the concept level adds its own."""
@@ -339,13 +354,14 @@ class TwoLevelSAE(ReLUSAE):
     F_c: int
 
     HPARAMS: ClassVar[Mapping[str, Any]] = {
-        "k_b": 288,
-        "k_c": 32,
-        "F_c": lambda d_in, d_sae: max(d_sae // 64, 1),
+        "k_b": lambda d_in, d_sae: _default_k_b(d_sae),
+        "k_c": lambda d_in, d_sae: _default_k_c(d_sae),
+        "F_c": lambda d_in, d_sae: _default_n_concepts(d_sae),
     }
-    """SPEC 3.9 (revised 2026-11-29): F / 64 concepts, k_c + k_b = 320, the TopK baseline's L0. The
-    former F / 8, k_c 8, k_b 64 left exactly 8 x 8 = 64 eligible base latents for k_b = 64: the
-    base TopK never selected anything."""
+    """SPEC 3.9 (revised 2026-11-29): F / 64 concepts, k_c 32, k_b 288 (k_c + k_b = 320, the TopK
+    baseline's L0), each lowered only where a small dictionary cannot hold it. The former F / 8,
+    k_c 8, k_b 64 left exactly 8 x 8 = 64 eligible base latents for k_b = 64: the base TopK never
+    selected anything."""
     EXPORT_ARCHITECTURE: ClassVar[str] = "two_level"
     B_DEC_FROM_DATA: ClassVar[bool] = True
 

@@ -136,7 +136,7 @@ def test_training_recovers_a_sparse_dataset(name, hparams):
     ("name", "lr_scale", "hparams"),
     [
         ("batchtopk", 10, {"k": 6}),
-        # Larger threshold and lr than the defaults: log-theta moves by ~lr per Adam step.
+        # Larger threshold and lr than the defaults: theta moves by ~lr per Adam step.
         ("jumprelu", 30, {"threshold_init": 0.2, "bandwidth": 0.1, "target_l0": 6.0,
                           "sparsity_warmup_steps": 20}),
     ],
@@ -150,9 +150,11 @@ def test_training_decreases_the_loss(name, lr_scale, hparams):
     if name == "batchtopk":
         assert 0 < float(state["threshold"]) < np.inf
         np.testing.assert_allclose(history[-1]["l0"], 6)
-    else:  # the L0 penalty pulls L0 towards target_l0 by raising the thresholds
-        assert history[-1]["l0"] < 0.5 * history[0]["l0"]
-        assert np.asarray(params["threshold"]).mean() > 0.3
+    else:  # the data init starts L0 at target_l0; the L0 penalty keeps it near by raising theta
+        assert abs(history[0]["l0"] / 6.0 - 1) < 0.25
+        assert abs(np.mean([m["l0"] for m in history[-10:]]) / 6.0 - 1) < 0.5
+        theta = np.asarray(params["threshold"])
+        assert np.abs(theta - 0.2).max() > 0.05 and theta.min() >= 0  # learned, clamped >= 0
 
 
 def test_step_is_jitted_once_donates_and_keeps_metrics_on_device():
