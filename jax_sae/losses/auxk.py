@@ -47,6 +47,7 @@ def auxk_loss(
     `pre[rows, cols]`); selection reads `pre` without gradient.
     """
     pre_at = pre_at or (lambda rows, cols: pre[rows, cols])
+    dead = jnp.asarray(dead)
 
     def normalised_aux_error() -> jax.Array:
         candidates = jnp.where(dead, lax.stop_gradient(pre), -jnp.inf)
