@@ -200,6 +200,8 @@ class TopKFamilySAE(ReLUSAE):
 
     HPARAMS: ClassVar[Mapping[str, Any]] = {"dense": False}
     B_DEC_FROM_DATA: ClassVar[bool] = True
+    PER_ROW_SELECTION: ClassVar[bool] = True
+    """The sparse path selects the same number of latents per token (`sparse.per_row_pairs`)."""
 
     def dictionary(self) -> tuple[jax.Array, jax.Array]:
         return self.tied_dictionary("", self.d_sae)
@@ -226,7 +228,9 @@ class TopKFamilySAE(ReLUSAE):
 
     def sparse_decode(self, values: jax.Array, rows: jax.Array, cols: jax.Array, n_rows: int):
         """`h @ W_dec` for the code with `values` at (rows, cols), without `b_dec`."""
-        return sparse.decode(values, rows, cols, self.W_dec, n_rows, self.compute_dtype)
+        return sparse.decode(
+            values, rows, cols, self.W_dec, n_rows, self.compute_dtype, self.PER_ROW_SELECTION
+        )
 
 
 class TopKSAE(TopKFamilySAE):
@@ -276,6 +280,7 @@ class BatchTopKSAE(TopKSAE):
     """
 
     EXPORT_ARCHITECTURE: ClassVar[str] = "jumprelu"
+    PER_ROW_SELECTION: ClassVar[bool] = False
 
     def activate_train(self, pre: jax.Array) -> jax.Array:
         return batch_topk_relu(pre, self.k)

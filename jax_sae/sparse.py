@@ -108,7 +108,27 @@ def sddmm(
     return out.reshape(-1)[:n]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def row_dots(a: jax.Array, b: jax.Array, cols: jax.Array, compute_dtype: Any) -> jax.Array:
+    """out[i, j] = a[i] . b[cols[i, j]] ([B, k]): `sddmm` for k pairs per row in row-major order,
+    as a batched matrix product (1.5x faster than the general form on XLA:CPU), chunked over rows.
+    """
+    a, b = _rounded(a, compute_dtype), _rounded(b, compute_dtype)
+    n_rows, k = cols.shape
+    rows_per_chunk = max(1, _chunked(n_rows * k, a.shape[1]) // k)
+
+    def part(a_chunk, cols_chunk):
+        return jnp.einsum("id,ijd->ij", a_chunk, b[cols_chunk], precision=lax.Precision.HIGHEST)
+
+    if rows_per_chunk >= n_rows:
+        return part(a, cols)
+    n_chunks = -(-n_rows // rows_per_chunk)
+    pad = n_chunks * rows_per_chunk - n_rows
+    a_chunks = jnp.pad(a, ((0, pad), (0, 0))).reshape(n_chunks, rows_per_chunk, -1)
+    cols_chunks = jnp.pad(cols, ((0, pad), (0, 0))).reshape(n_chunks, rows_per_chunk, k)
+    return lax.map(lambda c: part(*c), (a_chunks, cols_chunks)).reshape(-1, k)[:n_rows]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def decode(
     values: jax.Array,
     rows: jax.Array,
@@ -116,18 +136,27 @@ def decode(
     w_dec: jax.Array,
     n_rows: int,
     compute_dtype: Any = jnp.float32,
+    per_row: bool = False,
 ) -> jax.Array:
-    """`h @ W_dec` for the sparse code h[rows[p], cols[p]] = values[p] ([n_rows, d] float32)."""
+    """`h @ W_dec` for the sparse code h[rows[p], cols[p]] = values[p] ([n_rows, d] float32).
+
+    `per_row`: the pairs are the same number per row in row-major order (`per_row_pairs`), which
+    allows a faster backward.
+    """
     return spmm(values, rows, cols, w_dec, n_rows, compute_dtype)
 
 
-def _decode_fwd(values, rows, cols, w_dec, n_rows, compute_dtype):
-    return decode(values, rows, cols, w_dec, n_rows, compute_dtype), (values, rows, cols, w_dec)
+def _decode_fwd(values, rows, cols, w_dec, n_rows, compute_dtype, per_row):
+    out = decode(values, rows, cols, w_dec, n_rows, compute_dtype, per_row)
+    return out, (values, rows, cols, w_dec)
 
 
-def _decode_bwd(n_rows, compute_dtype, residuals, g):
+def _decode_bwd(n_rows, compute_dtype, per_row, residuals, g):
     values, rows, cols, w_dec = residuals
-    g_values = sddmm(g, rows, w_dec, cols, compute_dtype)
+    if per_row:
+        g_values = row_dots(g, w_dec, cols.reshape(n_rows, -1), compute_dtype).reshape(-1)
+    else:
+        g_values = sddmm(g, rows, w_dec, cols, compute_dtype)
     g_w_dec = spmm(values, cols, rows, g, w_dec.shape[0], compute_dtype)
     return g_values.astype(values.dtype), None, None, g_w_dec.astype(w_dec.dtype)
 

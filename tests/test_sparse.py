@@ -29,7 +29,8 @@ def random_pairs(rng, n_rows, n_cols, k):
     return np.repeat(np.arange(n_rows), k), cols.reshape(-1)
 
 
-def test_decode_value_and_gradients_match_float64(chunked):
+@pytest.mark.parametrize("per_row", [False, True], ids=["coo", "per-row"])
+def test_decode_value_and_gradients_match_float64(per_row, chunked):
     rng = np.random.default_rng(0)
     rows, cols = random_pairs(rng, B, F, 5)
     values, w_dec, g = rng.normal(size=rows.size), rng.normal(size=(F, D)), rng.normal(size=(B, D))
@@ -37,10 +38,10 @@ def test_decode_value_and_gradients_match_float64(chunked):
     h[rows, cols] = values
 
     def loss(values, w_dec):
-        return jnp.sum(sparse.decode(values, rows, cols, w_dec, B) * g)
+        return jnp.sum(sparse.decode(values, rows, cols, w_dec, B, jnp.float32, per_row) * g)
 
     f32 = [jnp.asarray(a, jnp.float32) for a in (values, w_dec)]
-    assert_close(sparse.decode(*f32[:1], rows, cols, f32[1], B), h @ w_dec)
+    assert_close(sparse.decode(f32[0], rows, cols, f32[1], B, jnp.float32, per_row), h @ w_dec)
     g_values, g_w_dec = jax.grad(loss, argnums=(0, 1))(*f32)
     assert_close(g_values, (g @ w_dec.T)[rows, cols], what="d values")
     assert_close(g_w_dec, h.T @ g, what="d W_dec")
@@ -229,20 +230,21 @@ def test_auxk_is_skipped_statically_when_alpha_is_zero():
 
 
 def test_chunks_never_hold_the_whole_batch(monkeypatch):
-    """With a budget of 3 pairs the largest [pairs, d] intermediate has 3 rows, not B k."""
+    """With a budget of 3 pairs a gather of d-wide rows holds 3 pairs, or the pairs of one token
+    where a chunk is a whole number of tokens (k_aux = 7 here), never all B k of the batch."""
     monkeypatch.setattr(sparse, "CHUNK_BYTES", 3 * 4 * D)
     v = make_variant("topk", D, F, k=5, k_aux=7)
     params = v.init_params(jax.random.key(0))
     batch = {"x": jnp.zeros((B, D), jnp.float32)}
     jaxpr = jax.make_jaxpr(jax.grad(lambda p: v.loss(p, v.init_state(), batch, 0)[0]))(params)
     gathered = [
-        var.aval.shape
+        int(np.prod(var.aval.shape[:-1]))
         for eqn in _all_eqns(jaxpr.jaxpr)
         if eqn.primitive.name == "gather"
         for var in eqn.outvars
-        if var.aval.ndim == 2 and var.aval.shape[1] == D
+        if var.aval.ndim >= 2 and var.aval.shape[-1] == D
     ]
-    assert gathered and max(shape[0] for shape in gathered) == 3
+    assert gathered and max(gathered) == 7
 
 
 def _all_eqns(jaxpr):

@@ -54,7 +54,7 @@ def auxk_loss(
         rows, cols = sparse.per_row_pairs(topk(candidates, k_aux)[1])
         values = jnp.where(dead[cols], jax.nn.relu(pre_at(rows, cols)), 0.0)
         e = x - lax.stop_gradient(x_hat)
-        e_hat = sparse.decode(values, rows, cols, w_dec, x.shape[0], compute_dtype)
+        e_hat = sparse.decode(values, rows, cols, w_dec, x.shape[0], compute_dtype, True)
         error = jnp.sum(jnp.square(e - e_hat))
         variance = jnp.sum(jnp.square(e - jnp.mean(e, axis=0)))
         return error / jnp.maximum(variance, jnp.finfo(variance.dtype).tiny)
