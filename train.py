@@ -95,6 +95,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"held-out tail of the cache (default: {DEFAULT_EVAL_TOKENS} or a tenth of the cache)",
     )
     p.add_argument("--dead-tokens", type=int, help="same as --set dead_tokens=N")
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="TopK family: dense reference path instead of the sparse one (--set dense=true)",
+    )
     return p.parse_args(argv)
 
 
@@ -132,6 +137,8 @@ def build_config(args: argparse.Namespace) -> tuple[dict, Any, Loader]:
     overrides = parse_overrides(args.set)
     if args.dead_tokens is not None:
         overrides["dead_tokens"] = args.dead_tokens
+    if args.dense:
+        overrides["dense"] = True
     d_in = cache.d_model
     d_sae = overrides.pop("d_sae", None)
     if d_sae is None:

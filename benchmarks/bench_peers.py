@@ -202,6 +202,7 @@ def interleaved(builders: dict[str, Callable[[], object]], path: str, rounds: in
         except Exception as error:  # a failing peer is recorded, not fatal
             errors[name] = f"{type(error).__name__}: {error}"
             print(f"  {name} failed: {errors[name]}", file=sys.stderr)
+    print(f"  timing {', '.join(contenders)}", file=sys.stderr, flush=True)
     times = {name: [] for name in contenders}
     for r in range(rounds):
         for name, contender in contenders.items():
@@ -334,6 +335,7 @@ def quality(worker, cfg: dict, folder: Path, out: dict) -> str:
             lines.append(f"| {name} | failed: {error} | | |")
             continue
         out[f"quality {name}"] = metrics
+        print(f"  quality {name}: {metrics}", file=sys.stderr, flush=True)
         lines.append(
             f"| {name} | {metrics['explained_variance']:.4f} | {metrics['l0']:.1f} "
             f"| {metrics['dead_frac']:.3f} |"
