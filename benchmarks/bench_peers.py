@@ -59,7 +59,7 @@ FULL = {
     "B": 2048,
     "rounds": 5,
     "sweep_rounds": 3,
-    "quality": {"d": 256, "F": 4096, "k": 32, "steps": 400, "lr": 3e-3, "warmup": 40},
+    "quality": {"d": 128, "F": 2048, "k": 16, "steps": 400, "lr": 3e-3, "warmup": 40},
 }
 QUICK = {
     "d": 64,
@@ -233,13 +233,22 @@ def floor_seconds(cfg: dict, path: str, rounds: int) -> float:
 
 
 def table(title: str, result: dict, base: str) -> str:
-    lines = [f"#### {title}", "", f"| contender | s/step (median) | / {base} |", "|---|---|---|"]
-    base_time = result[base]["median"]
+    """Medians, the ratio of medians, and the median of the per-round ratios (same round)."""
+    lines = [
+        f"#### {title}",
+        "",
+        f"| contender | s/step (median) | / {base} | median per-round ratio |",
+        "|---|---|---|---|",
+    ]
+    base_result = result[base]
     for name, r in result.items():
         if r["median"] is None:
-            lines.append(f"| {name} | failed: {r['error']} | |")
-        else:
-            lines.append(f"| {name} | {r['median']:.3f} | {r['median'] / base_time:.2f} |")
+            lines.append(f"| {name} | failed: {r['error']} | | |")
+            continue
+        pairs = zip(r["all"], base_result["all"], strict=True)
+        per_round = statistics.median(a / b for a, b in pairs)
+        ratio = r["median"] / base_result["median"]
+        lines.append(f"| {name} | {r['median']:.3f} | {ratio:.2f} | {per_round:.2f} |")
     return "\n".join(lines) + "\n"
 
 
