@@ -9,9 +9,10 @@ Each candidate returns the k-th largest value of each row of a [B, F] float32 ar
 * `top_k [:, -1]`: `lax.top_k(p, k)[0][:, -1]` (the same value, another XLA:CPU lowering)
 * `approx_max_k`: `lax.approx_max_k(p, k)[0].min(-1)` (recall 0.95 target; exact on CPU)
 * `kth_largest`: the 32-pass bitwise search in `jax_sae.activations`
-* `select_topk`: what the library uses now (`jax_sae.activations.select_topk`)
+* `topk`: what the library uses (`jax_sae.activations.topk`, i.e. `top_k min`)
 
-Each is jitted alone; median of interleaved rounds; the ratio is against `select_topk`.
+Each is jitted alone; median of interleaved rounds; the ratio is against `topk` (per row) and
+`batch_kth_largest` (batch).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def candidates(k: int) -> dict[str, object]:
         "top_k [:, -1]": lambda p: lax.top_k(p, k)[0][:, -1],
         "approx_max_k": lambda p: lax.approx_max_k(p, k)[0].min(-1),
         "kth_largest": lambda p: activations.kth_largest(p, k),
-        "select_topk": lambda p: activations.select_topk(p, k)[0].min(-1),
+        "topk": lambda p: activations.topk(p, k)[0].min(-1),
     }
 
 
@@ -75,10 +76,10 @@ def main() -> None:
     args = parser.parse_args()
     x = jax.random.normal(jax.random.key(0), (args.B, args.F), jnp.float32)
     print(f"backend {jax.default_backend()}, [B, F] = [{args.B}, {args.F}], k {args.k}\n")
-    print("| selection | s (median) | / select_topk |\n|---|---|---|")
+    print("| selection | s (median) | / topk |\n|---|---|---|")
     per_row = median_times(candidates(args.k), x, args.rounds)
     for name, t in per_row.items():
-        print(f"| {name} | {t:.4f} | {t / per_row['select_topk']:.2f} |")
+        print(f"| {name} | {t:.4f} | {t / per_row['topk']:.2f} |")
     per_batch = median_times(batch_candidates(args.k * args.B), jax.nn.relu(x), args.rounds)
     base = per_batch["batch: batch_kth_largest"]
     for name, t in per_batch.items():
