@@ -45,7 +45,7 @@ def topk(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """(values, indices) of the k largest entries of each row, values descending, no gradient.
 
     `lax.top_k` on every backend. The k-th largest is `values.min(-1)`, not `values[..., -1]`:
-    XLA:CPU lowers that slice into a far slower top-k (measured 50x at [2048, 12288], k 32;
+    XLA:CPU lowers that slice into a far slower top-k (measured 66x at [2048, 12288], k 32;
     `benchmarks/bench_topk.py`). `lax.approx_max_k` measured the same as `lax.top_k` on CPU.
     """
     return lax.top_k(lax.stop_gradient(x), k)
