@@ -31,8 +31,10 @@ SYNTH_FLAGS ?=
 
 VENV      := .venv
 VENV_EVAL := .venv-eval
+VENV_PEERS := .venv-peers
 PY        := $(VENV)/bin/python
 PY_EVAL   := $(VENV_EVAL)/bin/python
+PY_PEERS  := $(VENV_PEERS)/bin/python
 TINY      := models/tiny-gemma2
 
 DEMO_CACHE := activations_cache/tiny-gemma2__stdlib_docstrings__L1_2
@@ -41,8 +43,8 @@ DEMO_RUNS  := runs/demo_standard runs/demo_topk runs/demo_freq runs/demo_tempora
 DEMO_TRAIN := --cache $(DEMO_CACHE) --layer 2 --normalize --tokens 1000000 --dead-tokens 100000 \
 	--set d_sae=512 --set lr=0.003 --set warmup_steps=20 --resume
 
-.PHONY: setup setup-eval test lint extract tiny-model train export-eval compare demo bench clean \
-	synth synth-eval synth-bench
+.PHONY: setup setup-eval test lint extract tiny-model train export-eval compare demo bench \
+	setup-peers bench-peers synth synth-eval synth-bench clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -120,6 +122,19 @@ bench: setup
 	$(PY) benchmarks/bench_extract.py $(BENCH_FLAGS) | tee benchmarks/out/extract.md
 	$(PY) benchmarks/bench_train.py $(BENCH_FLAGS) | tee benchmarks/out/train.md
 	$(PY) benchmarks/bench_variants.py $(BENCH_FLAGS) | tee benchmarks/out/variants.md
+
+# Side by side with SAELens, sparsify and dictionary_learning (~15 min on 2 CPU cores; not in test).
+setup-peers: $(VENV_PEERS)/.installed
+$(VENV_PEERS)/.installed: requirements-peers.txt
+	test -x $(PY_PEERS) || $(PYTHON) -m venv $(VENV_PEERS)
+	$(PY_PEERS) -m pip install -q --upgrade pip
+	$(PY_PEERS) -m pip install -q -r requirements-peers.txt
+	$(PY_PEERS) -m pip uninstall -q -y torchvision
+	touch $@
+
+bench-peers: setup setup-peers
+	mkdir -p benchmarks/out
+	$(PY) benchmarks/bench_peers.py --peers-python $(PY_PEERS) $(BENCH_FLAGS) | tee benchmarks/out/peers.md
 
 clean:
 	rm -rf runs benchmarks/out

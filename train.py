@@ -162,6 +162,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="mark the run diverged when the held-out explained variance ends below this "
         "(-inf: never)",
     )
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="TopK family: dense reference path instead of the sparse one (--set dense=true)",
+    )
     return p.parse_args(argv)
 
 
@@ -207,6 +212,8 @@ def build_config(args: argparse.Namespace) -> tuple[dict, Any, Loader]:
     overrides = parse_overrides(args.set)
     if args.dead_tokens is not None:
         overrides["dead_tokens"] = args.dead_tokens
+    if args.dense:
+        overrides["dense"] = True
     d_in = cache.d_model
     d_sae = overrides.pop("d_sae", None)
     scale = norm_scale(cache, args.layer) if args.normalize else 1.0

@@ -26,10 +26,9 @@ def kth_largest(x: jax.Array, k: int) -> jax.Array:
     """Exact k-th largest value along the last axis of `x` (shape [..., n] -> [...]), no gradient.
 
     A bitwise binary search: 32 passes of compare-and-count over `x` find, bit by bit from the top,
-    the largest float t with `count(x >= t) >= k`, which is the k-th largest value. It replaces
-    `lax.top_k`, which XLA:CPU runs about 5x slower at SAE sizes ([2048, 16384], k = 320) and which
-    would also sort k values that are not needed; on GPU each pass is one fused memory-bound
-    reduction.
+    the largest float t with `count(x >= t) >= k`, which is the k-th largest value. Its cost does
+    not depend on k, so it beats `lax.top_k` when k is very large (BatchTopK's k * B of a whole
+    batch; `benchmarks/bench_topk.py`); for per-row k it is several times slower.
     """
     key = _order_key(lax.stop_gradient(x))
 
@@ -42,6 +41,16 @@ def kth_largest(x: jax.Array, k: int) -> jax.Array:
     return _from_order_key(threshold)
 
 
+def topk(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """(values, indices) of the k largest entries of each row, values descending, no gradient.
+
+    `lax.top_k` on every backend. The k-th largest is `values.min(-1)`, not `values[..., -1]`:
+    XLA:CPU lowers that slice into a far slower top-k (measured 66x at [2048, 12288], k 32;
+    `benchmarks/bench_topk.py`). `lax.approx_max_k` measured the same as `lax.top_k` on CPU.
+    """
+    return lax.top_k(lax.stop_gradient(x), k)
+
+
 def topk_relu(pre: jax.Array, k: int) -> jax.Array:
     """`relu(topk_k(pre))` per row: keep the k largest pre-activations of each row, zero the rest.
 
@@ -49,8 +58,33 @@ def topk_relu(pre: jax.Array, k: int) -> jax.Array:
     fuses with the ReLU and is cheap in both directions. Exact ties with the k-th value are all
     kept, which has probability zero for real-valued activations.
     """
-    kth = kth_largest(pre, k)[..., None]
+    kth = topk(pre, k)[0].min(-1, keepdims=True)
     return jnp.where(pre >= kth, jax.nn.relu(pre), 0.0)
+
+
+BATCH_TOPK_SORT_MAX = 2**17
+"""Up to this many kept entries BatchTopK selects with `lax.top_k` over the flattened batch, above
+it with `kth_largest` (measured crossover on XLA:CPU: `benchmarks/bench_topk.py`)."""
+
+
+def batch_kth_largest(acts: jax.Array, n_keep: int) -> jax.Array:
+    """The `n_keep`-th largest entry of the whole array (a scalar), no gradient."""
+    flat = lax.stop_gradient(acts).reshape(-1)
+    if n_keep <= BATCH_TOPK_SORT_MAX:
+        return lax.top_k(flat, n_keep)[0].min()
+    return kth_largest(flat, n_keep)
+
+
+def batch_topk_indices(acts: jax.Array, n_keep: int) -> jax.Array:
+    """Flat indices [n_keep] of the `n_keep` largest entries of `acts`, no gradient.
+
+    Above `BATCH_TOPK_SORT_MAX` the indices of the entries >= the n_keep-th largest, in row-major
+    order; ties beyond n_keep are dropped (they have value 0 after the ReLU, or probability 0).
+    """
+    flat = lax.stop_gradient(acts).reshape(-1)
+    if n_keep <= BATCH_TOPK_SORT_MAX:
+        return lax.top_k(flat, n_keep)[1]
+    return jnp.nonzero(flat >= kth_largest(flat, n_keep), size=n_keep)[0]
 
 
 def batch_topk_relu(pre: jax.Array, k: int) -> jax.Array:
@@ -60,8 +94,7 @@ def batch_topk_relu(pre: jax.Array, k: int) -> jax.Array:
     """
     acts = jax.nn.relu(pre)
     n_keep = min(k * pre.shape[0], acts.size)
-    kth = kth_largest(acts.reshape(-1), n_keep)
-    return jnp.where(acts >= kth, acts, 0.0)
+    return jnp.where(acts >= batch_kth_largest(acts, n_keep), acts, 0.0)
 
 
 def _rectangle(u: jax.Array) -> jax.Array:

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_sae.activations import batch_topk_relu, jumprelu, topk_relu
+from jax_sae import sparse
+from jax_sae.activations import batch_topk_indices, batch_topk_relu, jumprelu, topk, topk_relu
 from jax_sae.init import geometric_median, kaiming_uniform, unit_rows_kaiming, unit_rows_normal
 
 Params = dict[str, jax.Array]
@@ -75,7 +76,11 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 @dataclass(frozen=True)
 class Forward:
-    """Training-time forward pass. Architectures with more levels subclass it with more fields."""
+    """Training-time forward pass. Architectures with more levels subclass it with more fields.
+
+    On the sparse path of the TopK family (`jax_sae.sparse`) `pre` carries no gradient: a term
+    that differentiates selected pre-activations reads them with the module's `selected_pre`.
+    """
 
     pre: jax.Array  # [B, F] pre-activations
     h: jax.Array  # [B, F] latent codes
@@ -141,6 +146,16 @@ class ReLUSAE(nn.Module):
             b_dec_delta, lax.stop_gradient(self.W_enc), precision=lax.Precision.HIGHEST
         )
 
+    def selected_pre(
+        self, x: jax.Array, pre: jax.Array, rows: jax.Array, cols: jax.Array
+    ) -> jax.Array:
+        """`pre[rows, cols]` for `pre = Forward.pre` of `x`, differentiable w.r.t. the encoder.
+
+        On the dense path `pre` carries its gradient; the sparse path overrides this with a
+        scatter-add backward over the given pairs only (`sparse.encode_at`).
+        """
+        return pre[rows, cols]
+
     def activate_train(self, pre: jax.Array) -> jax.Array:
         """Training-time activation."""
         return jax.nn.relu(pre)
@@ -182,20 +197,59 @@ class ReLUSAE(nn.Module):
         return {"architecture": cls.EXPORT_ARCHITECTURE}
 
 
-class TopKSAE(ReLUSAE):
+class TopKFamilySAE(ReLUSAE):
+    """Shared by the TopK family: tied init, b_dec from data, and the sparse training path.
+
+    Training takes the sparse path (`jax_sae.sparse`: one dense encoder product, then gathers and
+    scatter-adds over the selected (token, latent) pairs) unless the hyper-parameter `dense` is
+    set; both give the same values and gradients (tests/test_sparse.py). `encode`/`decode` (the
+    inference API) stay dense.
+    """
+
+    dense: bool
+
+    HPARAMS: ClassVar[Mapping[str, Any]] = {"dense": False}
+    B_DEC_FROM_DATA: ClassVar[bool] = True
+    PER_ROW_SELECTION: ClassVar[bool] = True
+    """The sparse path selects the same number of latents per token (`sparse.per_row_pairs`)."""
+
+    def dictionary(self) -> tuple[jax.Array, jax.Array]:
+        return self.tied_dictionary("", self.d_sae)
+
+    def tied_dictionary(self, suffix: str, n_latents: int) -> tuple[jax.Array, jax.Array]:
+        """`W_enc{suffix}`, `W_dec{suffix}` with the TopK init: random unit decoder rows, encoder
+        tied to the decoder transpose."""
+        w_dec = self.param(f"W_dec{suffix}", unit_rows_normal, (n_latents, self.d_in))
+        w_enc = self.param(f"W_enc{suffix}", lambda _key, _shape: w_dec.T, (self.d_in, n_latents))
+        return w_enc, w_dec
+
+    def selected_pre(self, x, pre, rows, cols) -> jax.Array:
+        if self.dense:
+            return super().selected_pre(x, pre, rows, cols)
+        return sparse.encode_at(
+            x, self.b_dec, self.W_enc, self.b_enc, pre, rows, cols, self.compute_dtype
+        )
+
+    def dense_pre(self, x: jax.Array) -> jax.Array:
+        """The encoder product without gradient, the only dense [B, d] x [d, F] of the sparse
+        path; the same value as `pre_activation` (whose correction term is exactly zero)."""
+        pre = matmul(x - self.b_dec, self.W_enc, self.compute_dtype) + self.b_enc
+        return lax.stop_gradient(pre)
+
+    def sparse_decode(self, values: jax.Array, rows: jax.Array, cols: jax.Array, n_rows: int):
+        """`h @ W_dec` for the code with `values` at (rows, cols), without `b_dec`."""
+        return sparse.decode(
+            values, rows, cols, self.W_dec, n_rows, self.compute_dtype, self.PER_ROW_SELECTION
+        )
+
+
+class TopKSAE(TopKFamilySAE):
     """`topk`: h = relu(topk_k(pre)) per token (Gao et al. 2024)."""
 
     k: int
 
-    HPARAMS: ClassVar[Mapping[str, Any]] = {"k": 320}
+    HPARAMS: ClassVar[Mapping[str, Any]] = {**TopKFamilySAE.HPARAMS, "k": 320}
     EXPORT_ARCHITECTURE: ClassVar[str] = "topk"
-    B_DEC_FROM_DATA: ClassVar[bool] = True
-
-    def dictionary(self) -> tuple[jax.Array, jax.Array]:
-        """TopK-family init: random unit decoder rows, encoder tied to the decoder transpose."""
-        w_dec = self.param("W_dec", unit_rows_normal, (self.d_sae, self.d_in))
-        w_enc = self.param("W_enc", lambda _key, _shape: w_dec.T, (self.d_in, self.d_sae))
-        return w_enc, w_dec
 
     @classmethod
     def check_hparams(cls, hparams: Mapping[str, Any], d_in: int, d_sae: int) -> None:
@@ -206,6 +260,19 @@ class TopKSAE(ReLUSAE):
 
     def activate_train(self, pre: jax.Array) -> jax.Array:
         return topk_relu(pre, self.k)
+
+    def select(self, pre: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(rows, cols) of the pairs `activate_train` keeps: the k largest of each row."""
+        return sparse.per_row_pairs(topk(pre, self.k)[1])
+
+    def forward(self, x: jax.Array) -> Forward:
+        if self.dense:
+            return super().forward(x)
+        pre = self.dense_pre(x)
+        rows, cols = self.select(pre)
+        values = jax.nn.relu(self.selected_pre(x, pre, rows, cols))
+        x_hat = self.sparse_decode(values, rows, cols, x.shape[0]) + self.b_dec
+        return Forward(pre=pre, h=sparse.densify(values, rows, cols, pre.shape), x_hat=x_hat)
 
     @classmethod
     def export_info(cls, params, state, hparams) -> dict[str, Any]:
@@ -223,9 +290,15 @@ class BatchTopKSAE(TopKSAE):
     """
 
     EXPORT_ARCHITECTURE: ClassVar[str] = "jumprelu"
+    PER_ROW_SELECTION: ClassVar[bool] = False
 
     def activate_train(self, pre: jax.Array) -> jax.Array:
         return batch_topk_relu(pre, self.k)
+
+    def select(self, pre: jax.Array) -> tuple[jax.Array, jax.Array]:
+        n_keep = min(self.k * pre.shape[0], pre.size)
+        flat = batch_topk_indices(jax.nn.relu(pre), n_keep)
+        return sparse.flat_pairs(flat, pre.shape[-1])
 
     def activate(self, pre: jax.Array, state: State | None) -> jax.Array:
         if state is None:
@@ -333,7 +406,7 @@ class TwoLevelForward(Forward):
     g: jax.Array  # [B, F_c] concept codes
 
 
-class TwoLevelSAE(ReLUSAE):
+class TwoLevelSAE(TopKFamilySAE):
     """`two_level` (SPEC 3.9): concept latents gate contiguous blocks of base latents.
 
     g = topk_{k_c}(relu(pre_c)); base latent j belongs to concept j // (F / F_c) and may fire only
@@ -354,6 +427,7 @@ class TwoLevelSAE(ReLUSAE):
     F_c: int
 
     HPARAMS: ClassVar[Mapping[str, Any]] = {
+        **TopKFamilySAE.HPARAMS,
         "k_b": lambda d_in, d_sae: _default_k_b(d_sae),
         "k_c": lambda d_in, d_sae: _default_k_c(d_sae),
         "F_c": lambda d_in, d_sae: _default_n_concepts(d_sae),
@@ -363,7 +437,6 @@ class TwoLevelSAE(ReLUSAE):
     k_c 8, k_b 64 left exactly 8 x 8 = 64 eligible base latents for k_b = 64: the base TopK never
     selected anything."""
     EXPORT_ARCHITECTURE: ClassVar[str] = "two_level"
-    B_DEC_FROM_DATA: ClassVar[bool] = True
 
     @classmethod
     def check_hparams(cls, hparams: Mapping[str, Any], d_in: int, d_sae: int) -> None:
@@ -390,27 +463,20 @@ class TwoLevelSAE(ReLUSAE):
         self.W_enc_c, self.W_dec_c = self.tied_dictionary("_c", self.F_c)
         self.b_enc_c = self.param("b_enc_c", nn.initializers.zeros_init(), (self.F_c,))
 
-    def dictionary(self) -> tuple[jax.Array, jax.Array]:
-        return self.tied_dictionary("", self.d_sae)
-
-    def tied_dictionary(self, suffix: str, n_latents: int) -> tuple[jax.Array, jax.Array]:
-        """`W_enc{suffix}`, `W_dec{suffix}` with the TopK init: random unit rows, tied encoder."""
-        w_dec = self.param(f"W_dec{suffix}", unit_rows_normal, (n_latents, self.d_in))
-        w_enc = self.param(f"W_enc{suffix}", lambda _key, _shape: w_dec.T, (self.d_in, n_latents))
-        return w_enc, w_dec
-
     def concept_pre_activation(self, x: jax.Array) -> jax.Array:
         """`(x - b_dec) W_enc_c + b_enc_c`. Written plainly: b_dec's gradient through it costs one
         [B, F_c] x [F_c, d] matmul, 1/8 of a base-level one at the default F_c."""
         return matmul(x - self.b_dec, self.W_enc_c, self.compute_dtype) + self.b_enc_c
 
-    def activate_levels(self, pre: jax.Array, pre_c: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(h, g): concept TopK, then base TopK among the children of active concepts. Gated
-        base latents get no gradient (`where` selects a constant 0 for them)."""
-        g = topk_relu(pre_c, self.k_c)
+    def gated(self, pre: jax.Array, g: jax.Array) -> jax.Array:
+        """Base pre-activations with the children of inactive concepts set to 0 (no gradient)."""
         blocks = pre.reshape(*pre.shape[:-1], self.F_c, self.d_sae // self.F_c)
-        gated = jnp.where(g[..., None] > 0, blocks, 0.0).reshape(pre.shape)
-        return topk_relu(gated, self.k_b), g
+        return jnp.where(g[..., None] > 0, blocks, 0.0).reshape(pre.shape)
+
+    def activate_levels(self, pre: jax.Array, pre_c: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(h, g): concept TopK, then base TopK among the children of active concepts."""
+        g = topk_relu(pre_c, self.k_c)
+        return topk_relu(self.gated(pre, g), self.k_b), g
 
     def decode_levels(self, h: jax.Array, g: jax.Array) -> jax.Array:
         return (
@@ -427,9 +493,24 @@ class TwoLevelSAE(ReLUSAE):
         return self.decode_levels(codes[..., : self.d_sae], codes[..., self.d_sae :])
 
     def forward(self, x: jax.Array) -> TwoLevelForward:
-        pre, pre_c = self.pre_activation(x), self.concept_pre_activation(x)
-        h, g = self.activate_levels(pre, pre_c)
-        return TwoLevelForward(pre=pre, h=h, x_hat=self.decode_levels(h, g), pre_c=pre_c, g=g)
+        pre_c = self.concept_pre_activation(x)
+        if self.dense:
+            pre = self.pre_activation(x)
+            h, g = self.activate_levels(pre, pre_c)
+            return TwoLevelForward(pre=pre, h=h, x_hat=self.decode_levels(h, g), pre_c=pre_c, g=g)
+        # Sparse base level; the concept level (F_c = F / 64 by default) stays dense.
+        g = topk_relu(pre_c, self.k_c)
+        pre = self.dense_pre(x)
+        rows, cols = sparse.per_row_pairs(topk(self.gated(pre, g), self.k_b)[1])
+        parent_active = g[rows, cols // (self.d_sae // self.F_c)] > 0
+        values = jnp.where(parent_active, jax.nn.relu(self.selected_pre(x, pre, rows, cols)), 0.0)
+        x_hat = (
+            self.sparse_decode(values, rows, cols, x.shape[0])
+            + matmul(g, self.W_dec_c, self.compute_dtype)
+            + self.b_dec
+        )
+        h = sparse.densify(values, rows, cols, pre.shape)
+        return TwoLevelForward(pre=pre, h=h, x_hat=x_hat, pre_c=pre_c, g=g)
 
     @classmethod
     def export_info(cls, params, state, hparams) -> dict[str, Any]:

@@ -275,3 +275,16 @@ def test_set_values_are_json_when_possible():
         "on": True,
         "x": None,
     }
+
+
+def test_dense_flag_selects_the_dense_reference_path(cache, tmp_path):
+    out = tmp_path / "dense"
+    sets = ("d_sae=64", "k=4")
+    config, variant, _ = train.build_config(
+        train.parse_args(args(cache, out, "--dense", variant="topk", sets=sets))
+    )
+    assert variant.hparams["dense"] is True and config["hparams"]["dense"] is True
+    config, variant, _ = train.build_config(
+        train.parse_args(args(cache, out, variant="topk", sets=sets))
+    )
+    assert variant.hparams["dense"] is False

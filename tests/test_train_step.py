@@ -91,6 +91,28 @@ def test_projection_removes_the_parallel_component_of_each_decoder_row():
     np.testing.assert_array_equal(out["W_enc"], grads["W_enc"])  # other params untouched
 
 
+def test_grad_clip_norm_clips_the_global_norm_before_adam():
+    """Two steps against float64 Adam on clipped gradients (step 2 depends on the clipping)."""
+    rng = np.random.default_rng(2)
+    grads = [rng.normal(size=7) * scale for scale in (50.0, 0.1)]
+    params = {"b_enc": jnp.zeros(7, jnp.float32)}
+    lr, clip, b1, b2, eps = 0.1, 1.0, 0.9, 0.999, 1e-8
+    for with_clip in (True, False):
+        opt = make_optimizer(lr=lr, warmup_steps=0, grad_clip_norm=clip if with_clip else None)
+        state, mu, nu = opt.init(params), np.zeros(7), np.zeros(7)
+        for t, g in enumerate(grads, start=1):
+            update, state = opt.update({"b_enc": jnp.asarray(g, jnp.float32)}, state, params)
+            g = g * min(1.0, clip / np.linalg.norm(g)) if with_clip else g
+            mu, nu = b1 * mu + (1 - b1) * g, b2 * nu + (1 - b2) * g * g
+            want = -lr * (mu / (1 - b1**t)) / (np.sqrt(nu / (1 - b2**t)) + eps)
+            np.testing.assert_allclose(update["b_enc"], want, rtol=1e-4, atol=1e-7)
+        if with_clip:
+            clipped_last = np.asarray(update["b_enc"])
+    assert not np.allclose(clipped_last, update["b_enc"], rtol=1e-2)
+    with pytest.raises(ValueError, match="grad_clip_norm"):
+        make_optimizer(lr=lr, warmup_steps=0, grad_clip_norm=0.0)
+
+
 def test_optimizer_needs_params():
     opt = make_optimizer(lr=1e-3, warmup_steps=0)
     params = {"W_dec": jnp.ones((4, 3))}

@@ -8,16 +8,27 @@ Dead latents (see `losses.dead`) get a gradient by reconstructing what the live 
 
 The normalisation by the batch variance of e makes L_aux scale-free (about 1 for e_hat = 0).
 When fewer than k_aux latents are dead only the dead ones are used; when none is dead L_aux is 0
-and its matmuls are skipped (`lax.cond`). The loss added is `alpha_aux * L_aux`.
+and its work is skipped (`lax.cond`); with alpha_aux = 0 (a Python number) the term is not even
+traced. The loss added is `alpha_aux * L_aux`.
+
+Cost (SPEC 3.2): the k_aux dead latents per token are chosen with a top-k, their pre-activations
+read with `selected_pre` (a gather, so the sparse path's gradients stay sparse) and decoded with a
+gather of their W_dec rows (`sparse.decode`, B x k_aux x d, chunked); never a dense
+[B, F] x [F, d] product.
 """
+
+from collections.abc import Callable
+from numbers import Number
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_sae.activations import topk_relu
+from jax_sae import sparse
+from jax_sae.activations import topk
 from jax_sae.losses import LossContext, LossTerm, TermOutput
-from jax_sae.models import matmul
+
+PreAt = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def auxk_loss(
@@ -28,13 +39,22 @@ def auxk_loss(
     w_dec: jax.Array,
     k_aux: int,
     compute_dtype=jnp.float32,
+    pre_at: PreAt | None = None,
 ) -> jax.Array:
-    """L_aux as defined in the module docstring; 0 when no latent is dead."""
+    """L_aux as defined in the module docstring; 0 when no latent is dead.
+
+    `pre_at(rows, cols)` gives the differentiable pre-activations at those pairs (default
+    `pre[rows, cols]`); selection reads `pre` without gradient.
+    """
+    pre_at = pre_at or (lambda rows, cols: pre[rows, cols])
+    dead = jnp.asarray(dead)
 
     def normalised_aux_error() -> jax.Array:
-        h_aux = topk_relu(jnp.where(dead, pre, -jnp.inf), k_aux)
+        candidates = jnp.where(dead, lax.stop_gradient(pre), -jnp.inf)
+        rows, cols = sparse.per_row_pairs(topk(candidates, k_aux)[1])
+        values = jnp.where(dead[cols], jax.nn.relu(pre_at(rows, cols)), 0.0)
         e = x - lax.stop_gradient(x_hat)
-        e_hat = matmul(h_aux, w_dec, compute_dtype)
+        e_hat = sparse.decode(values, rows, cols, w_dec, x.shape[0], compute_dtype, True)
         error = jnp.sum(jnp.square(e - e_hat))
         variance = jnp.sum(jnp.square(e - jnp.mean(e, axis=0)))
         return error / jnp.maximum(variance, jnp.finfo(variance.dtype).tiny)
@@ -56,6 +76,15 @@ class AuxK(LossTerm):
             raise ValueError(f"alpha_aux must be >= 0, got {hparams['alpha_aux']}")
 
     def __call__(self, ctx: LossContext, state) -> TermOutput:
+        alpha = ctx.hparams["alpha_aux"]
+        if isinstance(alpha, Number) and alpha == 0:
+            zero = jnp.zeros((), jnp.float32)
+            return TermOutput(zero, {}, {"aux": zero})
+        model, variables = ctx.model, {"params": ctx.params}
+
+        def pre_at(rows, cols):
+            return model.apply(variables, ctx.x, ctx.fwd.pre, rows, cols, method=model.selected_pre)
+
         aux = auxk_loss(
             ctx.x,
             ctx.fwd.x_hat,
@@ -63,6 +92,7 @@ class AuxK(LossTerm):
             ctx.dead,
             ctx.params["W_dec"],
             ctx.hparams["k_aux"],
-            ctx.model.compute_dtype,
+            model.compute_dtype,
+            pre_at,
         )
-        return TermOutput(ctx.hparams["alpha_aux"] * aux, {}, {"aux": aux})
+        return TermOutput(alpha * aux, {}, {"aux": aux})
