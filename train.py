@@ -19,12 +19,14 @@ import math
 import sys
 import textwrap
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
@@ -54,7 +56,7 @@ from jax_sae.loader import (
     LoaderError,
     norm_scale,
 )
-from jax_sae.optim import make_optimizer, make_schedule
+from jax_sae.optim import make_optimizer
 from jax_sae.train_step import make_train_step
 from jax_sae.variants import (
     VARIANTS,
@@ -240,9 +242,8 @@ def build_config(args: argparse.Namespace) -> tuple[dict, Any, Loader]:
         d_sae=d_sae,
     )
     variant = make_variant(args.variant, d_in, adapted.d_sae, **adapted.overrides)
-    hp = variant.hparams
-    try:  # the schedule checks lr and warm-up; fail before anything is written
-        make_schedule(hp["lr"], hp["warmup_steps"], steps, hp["lr_decay"])
+    try:  # checks lr, warm-up and clipping; fail before anything is written
+        optimizer_for(variant.hparams, steps)
     except ValueError as error:
         raise UsageError(f"{error}; change it with --set") from None
     config = {
@@ -283,6 +284,18 @@ def build_config(args: argparse.Namespace) -> tuple[dict, Any, Loader]:
     }
     config["config_hash"] = runs.config_hash(config)
     return config, variant, loader
+
+
+def optimizer_for(hp: Mapping[str, Any], steps: int) -> optax.GradientTransformation:
+    """The run's optimizer from its hyper-parameters (ValueError for invalid ones)."""
+    return make_optimizer(
+        lr=hp["lr"],
+        warmup_steps=hp["warmup_steps"],
+        total_steps=steps,
+        decay=hp["lr_decay"],
+        threshold_lr_scale=hp.get("threshold_lr_scale", 1.0),
+        grad_clip_norm=hp["grad_clip_norm"],
+    )
 
 
 def run_dir(args: argparse.Namespace) -> Path:
@@ -417,14 +430,7 @@ def train(
     Stops with a TrainingError, keeping the last good checkpoint, at a non-finite loss or when
     ``rule`` sees the loss blow up."""
     steps, batch_size = config["steps"], config["batch_size"]
-    hp = variant.hparams
-    opt = make_optimizer(
-        lr=hp["lr"],
-        warmup_steps=hp["warmup_steps"],
-        total_steps=steps,
-        decay=hp["lr_decay"],
-        threshold_lr_scale=hp.get("threshold_lr_scale", 1.0),
-    )
+    opt = optimizer_for(variant.hparams, steps)
     step_fn = make_train_step(variant, opt, COMPUTE_DTYPES[config["compute_dtype"]])
     grad_shares = make_grad_shares(variant, COMPUTE_DTYPES[config["compute_dtype"]])
     state = initial_state(config, variant, opt, loader)
@@ -439,7 +445,7 @@ def train(
         metrics_log.truncate_after(start)
         stats = loader.cache.layer_stats(config["layer"])
         zero_loss = zero_reconstruction_loss(
-            stats["mean_sq_norm"] * config["norm_scale"] ** 2, hp["recon"]
+            stats["mean_sq_norm"] * config["norm_scale"] ** 2, variant.hparams["recon"]
         )
         if config["epochs"] > 1:
             print(

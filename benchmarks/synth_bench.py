@@ -81,13 +81,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--features", type=int, default=1024)
-    p.add_argument("--tokens", type=int, default=2**19, help="world size; one epoch is trained")
+    p.add_argument("--tokens", type=int, default=2**19, help="world size (tokens)")
+    p.add_argument("--epochs", type=int, default=4, help="training epochs over the world")
     p.add_argument("--samples", type=int, default=16384, help="SAELens synthetic-eval samples")
     p.add_argument("--quick", action="store_true", help="1 seed, 1/4 of the tokens: smoke run")
     p.add_argument("--report", type=Path, default=REPO / "benchmarks" / "SYNTH.md")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.tokens = 1, args.tokens // 4
+        args.seeds, args.tokens, args.epochs = 1, args.tokens // 4, 1
+        args.out = args.out / "quick"
     return args
 
 
@@ -141,12 +143,13 @@ def runs_of(comparison: Comparison, args: argparse.Namespace, world_dir: Path) -
     return {"idea": idea, "baseline": base, "matched": matched}
 
 
-def train_run(run: Run, world_dir: Path, out: Path) -> Path:
-    folder = out / "runs" / run.name
+def train_run(run: Run, world_dir: Path, args: argparse.Namespace) -> Path:
+    folder = args.out / "runs" / run.name
     if (folder / "final_info.json").exists():
         return folder
     argv = ["--cache", str(world_dir), "--layer", "0", "--variant", run.variant, "--out",
-            str(folder), "--seed", str(run.seed), "--resume", "--log-every", "64"]  # fmt: skip
+            str(folder), "--seed", str(run.seed), "--resume", "--log-every", "64",
+            "--tokens", str(args.epochs * args.tokens)]  # fmt: skip
     for key, value in run.sets:
         argv += ["--set", f"{key}={value}"]
     if train.main(argv) != 0:
@@ -314,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     worlds = {c.world: build_world(c.world, args) for c in COMPARISONS}
     plans = {c: runs_of(c, args, worlds[c.world]) for c in COMPARISONS}
     folders = {
-        c: {group: [(run, train_run(run, worlds[c.world], args.out)) for run in runs]
+        c: {group: [(run, train_run(run, worlds[c.world], args)) for run in runs]
             for group, runs in plan.items()}
         for c, plan in plans.items()
     }  # fmt: skip
@@ -333,7 +336,7 @@ def report(args: argparse.Namespace, results: list[dict], plot: Path) -> str:
     return f"""# Research ideas on ground-truth worlds (`make synth-bench`)
 
 Command: `{command}` (seeds {args.seeds}; worlds d {args.d_model}, {args.features} features,
-{args.tokens} tokens, one epoch each; every variant at its defaults, sizes adapted to d).
+{args.tokens} tokens, {args.epochs} epochs; every variant at its defaults, sizes adapted to d).
 Values are mean ± std over seeds. Bold: the metric the idea exists to move. "matched L0": `topk`
 at the idea's d_sae and k, or `standard`'s lambda grid interpolated at the idea's L0.
 

@@ -15,8 +15,10 @@ from safetensors.numpy import load_file
 from scipy.stats import rankdata
 
 import train
+from jax_sae.data import ActivationCache
 from jax_sae.losses import hier_ortho
 from jax_sae.variants import make_variant
+from synth import metrics
 from tests.test_export import EVAL_PYTHON, REPO, eval_venv_env
 
 D, FEATURES, TOKENS, BATCH = 64, 1024, 2**18, 2048
@@ -46,10 +48,13 @@ def worlds(tmp_path_factory) -> Path:
     return root
 
 
-def train_at_defaults(world: Path, variant: str, out: Path, *sets: str) -> dict:
-    """One default-length run (one epoch) of `train.py` at the defaults; its config.json."""
+def train_at_defaults(
+    world: Path, variant: str, out: Path, *sets: str, extra: tuple[str, ...] = ()
+) -> dict:
+    """A run of `train.py` at the defaults (one epoch unless `extra` says otherwise) but for the
+    `--set` items in `sets`; its config.json."""
     argv = ["--cache", str(world), "--layer", "0", "--variant", variant, "--out", str(out)]
-    argv += [arg for item in sets for arg in ("--set", item)]
+    argv += [arg for item in sets for arg in ("--set", item)] + list(extra)
     assert train.main([*argv, "--log-every", "32", "--checkpoint-every", "1000"]) == 0
     return json.loads((out / "config.json").read_text())
 
@@ -115,3 +120,67 @@ def test_hier_ortho_weights_rank_planted_pairs_above_chance_cofirings(worlds):
     assert auc >= 0.9, auc
     assert np.concatenate(at_cap).mean() < 0.5
     assert np.concatenate(raw_at_cap).mean() > 0.9  # what the smoothing fixes
+
+
+def heldout_scores(world: Path, run: Path) -> dict[str, float | None]:
+    """The run's SAE on the world's held-out tokens against the ground truth (synth.metrics)."""
+    config = json.loads((run / "config.json").read_text())
+    v = make_variant(config["variant"], config["d_in"], config["d_sae"], **config["hparams"])
+    params = v.params_from_arrays(load_file(run / "sae_params.safetensors"))
+    truth = load_file(world / "ground_truth.safetensors")
+    offset, indptr = int(truth["heldout_offset"][0]), truth["heldout_indptr"]
+    cache = ActivationCache(world)
+    acts = cache.acts(0)[offset : offset + len(indptr) - 1] * config["norm_scale"]
+    codes = np.concatenate(
+        [np.asarray(v.encode(params, acts[i : i + BATCH])) for i in range(0, len(acts), BATCH)]
+    )
+    fires, true_fires = metrics.firing(codes), true_firing(world)[0]
+    # two_level codes are [base, concept]: its dictionary is both decoders, in that order
+    decoder = np.concatenate([np.asarray(params[k]) for k in ("W_dec", "W_dec_c") if k in params])
+    scores = {
+        "l0": float(np.mean(np.diff(fires.indptr))),
+        "cofiring_cos": metrics.cofiring_decoder_cos(fires, decoder),
+        "jaccard": metrics.adjacent_jaccard(fires, cache.positions()[offset : offset + len(acts)]),
+        "spread": metrics.firing_rate_spread(fires)["std_log10_rate"],
+    }
+    if (truth["parent"] >= 0).any():
+        latent_of = metrics.best_latents(decoder, truth["feature_vectors"])
+        scores["absorption"] = metrics.absorption(true_fires, fires, truth["parent"], latent_of)[
+            "mean"
+        ]
+    return scores
+
+
+@pytest.fixture(scope="module")
+def hierarchy_runs(worlds, tmp_path_factory) -> dict[str, dict]:
+    """hier_ortho and two_level at their defaults and `topk` at each one's d_sae and k, two epochs
+    of the hierarchy world, scored on its held-out tokens."""
+    root, world = tmp_path_factory.mktemp("hierarchy_runs"), worlds / "hierarchy"
+    epochs = f"--tokens={2 * TOKENS}"
+    scores = {}
+    for name in ("hier_ortho", "two_level"):
+        config = train_at_defaults(world, name, root / name, extra=(epochs,))
+        hp = config["hparams"]
+        k = hp.get("k") or hp["k_b"] + hp["k_c"]
+        matched = root / f"topk_for_{name}"
+        train_at_defaults(world, "topk", matched, f"d_sae={config['d_sae']}", f"k={k}",
+                          extra=(epochs,))  # fmt: skip
+        scores[name], scores[f"topk_for_{name}"] = (
+            heldout_scores(world, root / name),
+            heldout_scores(world, matched),
+        )
+    return scores
+
+
+def test_hier_ortho_lowers_the_overlap_of_cofiring_decoder_rows(hierarchy_runs):
+    """The idea's own target at matched L0 (same d_sae and k): co-firing latents get more
+    orthogonal decoder rows than plain TopK's."""
+    idea, base = hierarchy_runs["hier_ortho"], hierarchy_runs["topk_for_hier_ortho"]
+    assert idea["l0"] == pytest.approx(base["l0"], rel=0.05)
+    assert idea["cofiring_cos"] < 0.95 * base["cofiring_cos"], (idea, base)
+
+
+def test_two_level_absorbs_less_than_topk_at_the_same_l0(hierarchy_runs):
+    idea, base = hierarchy_runs["two_level"], hierarchy_runs["topk_for_two_level"]
+    assert idea["l0"] == pytest.approx(base["l0"], rel=0.1)
+    assert idea["absorption"] < 0.8 * base["absorption"], (idea, base)
