@@ -7,7 +7,10 @@ demo model `topk` asked for k 320 > d_in, and a 1000-step warm-up never ended in
 
 * d_sae keeps the reference expansion factor F / d_in, rounded to a multiple of 64 (so that
   two_level's F / 64 concepts divide it);
-* k-like sizes (`k`, `k_aux`, `target_l0`, `k_b`, `k_c`) keep the reference ratio to d_sae;
+* k-like sizes (`k`, `k_aux`, `k_b`, `k_c`) keep the reference ratio to d_sae;
+* the decoder-orthogonality coefficients (`LossTerm.D_IN_SCALED`: hier_ortho's `lambda_2`,
+  pair_ortho's `tau`) scale with d_in / 2304: their gradient share at initialisation then stays
+  at ~4% for d_in 64 to 2304 (unscaled it grew like 1 / d_in, to 135% and 330% at d_in 64);
 * warm-ups (`warmup_steps`, `sparsity_warmup_steps`) are at most 10% of the run's steps;
 * the dead-latent window `dead_tokens` is at most 10% of the run's tokens, so AuxK can act.
 
@@ -83,6 +86,12 @@ def adapt_hparams(
         if scaled != value:
             adapted[key] = scaled
             notes.append(f"{key} {scaled}: reference {value} scaled with d_sae")
+    for term in VARIANTS[name].terms:
+        for key in term.D_IN_SCALED:
+            if key in given or d_in == REFERENCE_D_IN:
+                continue
+            adapted[key] = reference[key] * d_in / REFERENCE_D_IN
+            notes.append(f"{key} {adapted[key]:.4g}: reference {reference[key]} x d_in / 2304")
     for key in WARMUPS:
         if key in given or key not in reference:
             continue

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_sae.defaults import adapt_hparams
 from jax_sae.diagnostics import make_grad_shares
 from jax_sae.losses.freq import STATE_KEY as FIRING_RATE
 from jax_sae.variants import VARIANTS, make_variant
@@ -86,3 +87,17 @@ def test_grad_share_matches_a_float64_reference():
     params = {k: jnp.asarray(val, jnp.float32) for k, val in p.items()}
     out = make_grad_shares(v)(params, v.init_state(), {"x": jnp.asarray(x, jnp.float32)}, 0)
     np.testing.assert_allclose(float(out["grad_share/l1"]), diff / base, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["hier_ortho", "pair_ortho"])
+@pytest.mark.parametrize("d_in", [64, 256])
+def test_orthogonality_share_stays_in_the_band_at_other_widths(name, d_in):
+    """The adaptive defaults scale the coefficient with d_in: unscaled, the share grew like
+    1 / d_in (135% for hier_ortho and 330% for pair_ortho at d_in 64)."""
+    a = adapt_hparams(name, d_in, steps=10_000, batch_size=BATCH, overrides={})
+    v = make_variant(name, d_in, a.d_sae, **a.overrides)
+    x = jax.random.normal(jax.random.key(0), (BATCH, d_in))
+    x = x * jnp.sqrt(d_in / jnp.mean(jnp.sum(x * x, axis=1)))
+    params = v.init_params(jax.random.key(1), data_sample=np.asarray(x[:256]))
+    share = float(make_grad_shares(v)(params, v.init_state(), {"x": x}, 0)[f"grad_share/{name}"])
+    assert SPEC_BAND[0] <= share <= SPEC_BAND[1], share

@@ -56,6 +56,10 @@ class LossTerm:
 
     NAME: ClassVar[str] = ""
     ACTS_ON: ClassVar[tuple[str, ...]] = ()
+    D_IN_SCALED: ClassVar[tuple[str, ...]] = ()
+    """Coefficients whose default is calibrated at d_in 2304 and scales with d_in / 2304
+    (`jax_sae.defaults`): on normalised inputs the reconstruction gradient the term competes with
+    grows about linearly with d_in."""
     HPARAMS: ClassVar[Mapping[str, Any]] = {}
     CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     NULLABLE: ClassVar[frozenset[str]] = frozenset()

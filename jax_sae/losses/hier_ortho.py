@@ -81,7 +81,7 @@ from jax_sae import blockwise
 from jax_sae.losses import LossContext, LossTerm, TermOutput
 from jax_sae.models import matmul
 
-LAMBDA_2_DEFAULT = 1.0
+LAMBDA_2_DEFAULT = 3.0
 """Calibrated at the default sizes on normalised inputs (module docstring, docs/variants.md)."""
 COFIRE_KEY = "cofire_ema"
 FIRE_KEY = "fire_ema"
@@ -272,6 +272,7 @@ def update_counts(
 class HierarchicalOrthogonality(LossTerm):
     NAME = "hier_ortho"
     ACTS_ON = ("W_dec",)
+    D_IN_SCALED = ("lambda_2",)
     HPARAMS = {
         "lambda_2": LAMBDA_2_DEFAULT,
         "c_max": 10.0,

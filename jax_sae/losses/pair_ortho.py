@@ -46,7 +46,7 @@ from jax_sae import blockwise
 from jax_sae.losses import LossContext, LossTerm, TermOutput
 from jax_sae.models import matmul
 
-TAU_DEFAULT = 2000.0
+TAU_DEFAULT = 6000.0
 """Calibrated at the default sizes on normalised inputs (module docstring, docs/variants.md)."""
 SCORES_KEY = "pair_scores"
 PREV_ROWS_KEY = "pair_prev_rows"
@@ -121,6 +121,7 @@ def update_scores(
 class PairOrthogonality(LossTerm):
     NAME = "pair_ortho"
     ACTS_ON = ("W_dec",)
+    D_IN_SCALED = ("tau",)
     HPARAMS = {
         "tau": TAU_DEFAULT,
         "tau_mode": "fixed",
