@@ -33,6 +33,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 import train  # noqa: E402
 from export_to_torch import export_run  # noqa: E402
@@ -225,9 +226,11 @@ def interpolate_at(l0: float, grid: list[dict], key: str) -> float | None:
 def verdict(idea: float | None, base: float | None, metric: Metric) -> str:
     if idea is None or base is None:
         return "n/a"
+    if idea == base:
+        return "same"
     better = idea < base if metric.better == "lower" else idea > base
-    change = (idea - base) / abs(base) if base else float("inf")
-    return f"{'better' if better else 'worse'} ({change:+.0%})"
+    change = f" ({(idea - base) / abs(base):+.0%})" if base else ""
+    return f"{'better' if better else 'worse'}{change}"
 
 
 def compare(comparison: Comparison, folders: dict[str, list[tuple[Run, Path]]]) -> dict:
@@ -303,6 +306,8 @@ def pareto_plot(results: list[dict], path: Path) -> None:
                 )
             ax.set(xscale="log", xlabel="L0 (active latents per token)", ylabel=label,
                    title=f"{c.idea} vs {c.baseline}, {c.world} world")  # fmt: skip
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
