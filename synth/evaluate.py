@@ -22,13 +22,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
+from jax_sae.data import write_json_atomic
 from synth import metrics
 from synth.make_world import GROUND_TRUTH, MODEL_PREFIX, WORLD_DIR
 
@@ -153,11 +153,7 @@ def merge_into_final_info(run_dir: Path, layer: int, result: dict) -> Path:
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     entry = info.setdefault(f"training results for layer {layer}", {})
     entry[RESULT_KEY] = result
-    fd, tmp = tempfile.mkstemp(prefix=".final_info.", dir=run_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, info_path)
+    write_json_atomic(info_path, info)
     return info_path
 
 
