@@ -107,10 +107,12 @@ def adapt_hparams(
             f"dead_tokens {cap}: reference {reference['dead_tokens']} capped at 10% of "
             f"the run's {tokens} tokens"
         )
+    effective = {**reference, **adapted}
     warnings = [
-        f"{key}={value} is >= d_in={d_in}: a code that size cannot be sparse; set a smaller {key}"
-        for key, value in adapted.items()
-        if key in ("k", "target_l0") and value is not None and value >= d_in
+        f"{key}={effective[key]} is >= d_in={d_in}: a code that size cannot be sparse; set a "
+        f"smaller {key}"
+        for key in ("k", "target_l0")
+        if effective.get(key) is not None and effective[key] >= d_in
     ]
     warnings += [
         f"{key}={adapted[key]} is longer than the run ({steps} steps): lower it or train longer"

@@ -47,3 +47,10 @@ def test_every_variant_builds_at_small_d_in(name):
         assert a.d_sae == scaled_d_sae(name, d_in) and a.d_sae % 64 == 0
         v = make_variant(name, d_in, a.d_sae, **a.overrides)
         assert v.d_sae == a.d_sae
+
+
+def test_a_default_that_cannot_work_is_warned_about():
+    """jumprelu's target_l0 20 is not a size (it does not scale), so on a 16-wide model it asks
+    for a code as large as the input: a warning names it."""
+    a = adapt_hparams("jumprelu", 16, steps=100, batch_size=256, overrides={})
+    assert any("target_l0=20.0 is >= d_in=16" in w for w in a.warnings)
