@@ -177,14 +177,12 @@ def test_hier_ortho_lowers_the_overlap_of_cofiring_decoder_rows(hierarchy_runs):
     orthogonal decoder rows than plain TopK's."""
     idea, base = hierarchy_runs["hier_ortho"], hierarchy_runs["topk_for_hier_ortho"]
     assert idea["l0"] == pytest.approx(base["l0"], rel=0.05)
-    print("hier_ortho", idea, "topk", base)
     assert idea["cofiring_cos"] < 0.95 * base["cofiring_cos"], (idea, base)
 
 
 def test_two_level_absorbs_less_than_topk_at_the_same_l0(hierarchy_runs):
     idea, base = hierarchy_runs["two_level"], hierarchy_runs["topk_for_two_level"]
     assert idea["l0"] == pytest.approx(base["l0"], rel=0.1)
-    print("two_level", idea, "topk", base)
     assert idea["absorption"] < 0.8 * base["absorption"], (idea, base)
 
 
