@@ -293,7 +293,6 @@ def optimizer_for(hp: Mapping[str, Any], steps: int) -> optax.GradientTransforma
         warmup_steps=hp["warmup_steps"],
         total_steps=steps,
         decay=hp["lr_decay"],
-        threshold_lr_scale=hp.get("threshold_lr_scale", 1.0),
         grad_clip_norm=hp["grad_clip_norm"],
     )
 

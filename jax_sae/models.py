@@ -327,12 +327,10 @@ class JumpReLUSAE(ReLUSAE):
 
     bandwidth: float
     threshold_init: float
-    threshold_lr_scale: float  # read by the optimizer (`optim.clamp_thresholds`), not here
 
     HPARAMS: ClassVar[Mapping[str, Any]] = {
         "bandwidth": 0.001,
         "threshold_init": 0.001,
-        "threshold_lr_scale": 1.0,
     }
     EXPORT_ARCHITECTURE: ClassVar[str] = "jumprelu"
 
@@ -340,8 +338,6 @@ class JumpReLUSAE(ReLUSAE):
     def check_hparams(cls, hparams: Mapping[str, Any], d_in: int, d_sae: int) -> None:
         if hparams["bandwidth"] <= 0:
             raise ValueError(f"bandwidth must be > 0, got {hparams['bandwidth']}")
-        if hparams["threshold_lr_scale"] <= 0:
-            raise ValueError(f"threshold_lr_scale must be > 0, got {hparams['threshold_lr_scale']}")
         if hparams["threshold_init"] < 0:
             raise ValueError(f"threshold_init must be >= 0, got {hparams['threshold_init']}")
 

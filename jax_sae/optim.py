@@ -11,8 +11,7 @@
 3. the learning-rate schedule (`make_schedule`);
 4. `renormalize_decoder_rows`: turn the update into one that lands on unit-norm rows,
    `update <- normalise_rows(param + update) - param`;
-5. `clamp_thresholds`: JumpReLU thresholds (parameters named `threshold`) move
-   `threshold_lr_scale` times faster than the other parameters and stay >= 0.
+5. `clamp_thresholds`: JumpReLU thresholds (parameters named `threshold`) stay >= 0.
 
 Step 4 is part of the chain (not a separate call after `optax.apply_updates`) so that any plain
 optax loop keeps the decoder normalised. Decoder = every parameter whose name starts with
@@ -78,16 +77,13 @@ def renormalize_decoder_rows() -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def clamp_thresholds(lr_scale: float = 1.0) -> optax.GradientTransformation:
-    """Scale threshold updates by `lr_scale`, then change them so that `param + update >= 0`
-    (JumpReLU's raw theta)."""
+def clamp_thresholds() -> optax.GradientTransformation:
+    """Change threshold updates so that `param + update >= 0` (JumpReLU's raw theta)."""
 
     def update_fn(updates, state, params=None):
         params = _require_params(params, "clamp_thresholds")
         clamped = {
-            name: jnp.maximum(params[name] + lr_scale * u, 0.0) - params[name]
-            if name == THRESHOLD
-            else u
+            name: jnp.maximum(params[name] + u, 0.0) - params[name] if name == THRESHOLD else u
             for name, u in updates.items()
         }
         return clamped, state
@@ -137,7 +133,6 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    threshold_lr_scale: float = 1.0,
     grad_clip_norm: float | None = None,
 ) -> optax.GradientTransformation:
     """The SAE optimizer described in the module docstring."""
@@ -150,5 +145,5 @@ def make_optimizer(
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
         optax.scale_by_learning_rate(make_schedule(lr, warmup_steps, total_steps, decay)),
         renormalize_decoder_rows(),
-        clamp_thresholds(threshold_lr_scale),
+        clamp_thresholds(),
     )
