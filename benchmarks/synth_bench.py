@@ -123,7 +123,7 @@ class Run:
         return f"{self.world}/{self.variant}{'_' + tag if tag else ''}_s{self.seed}"
 
 
-def runs_of(comparison: Comparison, args: argparse.Namespace, world_dir: Path) -> dict:
+def runs_of(comparison: Comparison, args: argparse.Namespace) -> dict:
     """{"idea": [...], "baseline": [...], "matched": [...]} runs of one comparison."""
     seeds = range(args.seeds)
     idea = [Run(comparison.world, comparison.idea, s) for s in seeds]
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if not EVAL_PYTHON.exists():
         raise SystemExit("error: .venv-eval is missing; run `make setup-eval` first")
     worlds = {c.world: build_world(c.world, args) for c in COMPARISONS}
-    plans = {c: runs_of(c, args, worlds[c.world]) for c in COMPARISONS}
+    plans = {c: runs_of(c, args) for c in COMPARISONS}
     folders = {
         c: {group: [(run, train_run(run, worlds[c.world], args)) for run in runs]
             for group, runs in plan.items()}
