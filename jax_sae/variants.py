@@ -183,16 +183,23 @@ def _coerce(variant: str, name: str, value: Any, default: Any, nullable: bool) -
     )
 
 
+def hparam_choices(spec: VariantSpec) -> dict[str, tuple[str, ...]]:
+    """The allowed values of every string-valued hyper-parameter of a variant."""
+    choices: dict[str, tuple[str, ...]] = {"lr_decay": tuple(DECAYS)}
+    for source in spec.hparam_sources():
+        choices.update(getattr(source, "CHOICES", {}))
+    return choices
+
+
 def resolve_hparams(
     name: str, spec: VariantSpec, d_in: int, d_sae: int, overrides: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Defaults of every source, then the variant's defaults, then `overrides`, validated."""
     defaults: dict[str, Any] = dict(TRAINING_HPARAMS)
-    choices: dict[str, tuple[str, ...]] = {"lr_decay": tuple(DECAYS)}
+    choices = hparam_choices(spec)
     nullable: set[str] = set()
     for source in spec.hparam_sources():
         defaults.update(getattr(source, "HPARAMS", {}))
-        choices.update(getattr(source, "CHOICES", {}))
         nullable.update(getattr(source, "NULLABLE", ()))
     defaults.update(spec.defaults)
     unknown = sorted(set(overrides) - set(defaults))
@@ -233,9 +240,7 @@ def describe_hparams(name: str, d_in: int = 2304) -> list[str]:
     """`key=default` (with the allowed values of string options) for every hyper-parameter of
     variant `name` at its reference size for d_in; for `--help` and the docs."""
     spec = variant_spec(name)
-    choices: dict[str, tuple[str, ...]] = {"lr_decay": tuple(DECAYS)}
-    for source in spec.hparam_sources():
-        choices.update(getattr(source, "CHOICES", {}))
+    choices = hparam_choices(spec)
     hparams = make_variant(name, d_in, spec.suggested_d_sae(d_in)).hparams
     return [
         f"{key}={value:.4g}"
