@@ -99,12 +99,7 @@ def heldout_metrics(sae: Any, world: Path, truth: dict[str, np.ndarray]) -> dict
 
     cache = ActivationCache(world)
     offset = int(truth["heldout_offset"][0])
-    n_features = truth["feature_vectors"].shape[0]
-    indptr = truth["heldout_indptr"]
-    true_codes = sp.csr_matrix(
-        (truth["heldout_values"], truth["heldout_indices"], indptr),
-        shape=(len(indptr) - 1, n_features),
-    )
+    true_codes = metrics.heldout_codes(truth)
     end = offset + true_codes.shape[0]
     true_fires = metrics.firing(true_codes)
     sae_fires = sae_firing(sae, cache.acts(cache.layers[0])[offset:end])

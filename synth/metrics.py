@@ -11,6 +11,14 @@ import numpy as np
 import scipy.sparse as sp
 
 
+def heldout_codes(truth: dict[str, np.ndarray]) -> sp.csr_matrix:
+    """The true codes [tokens, features] of a world's held-out tail, from the CSR arrays of its
+    `ground_truth.safetensors` (they start at token `heldout_offset` of the cache)."""
+    indptr = truth["heldout_indptr"]
+    shape = (len(indptr) - 1, truth["feature_vectors"].shape[0])
+    return sp.csr_matrix((truth["heldout_values"], truth["heldout_indices"], indptr), shape=shape)
+
+
 def firing(codes: np.ndarray | sp.spmatrix) -> sp.csr_matrix:
     """Boolean CSR firing matrix of a code matrix (dense or sparse)."""
     matrix = sp.csr_matrix(codes)

@@ -73,10 +73,7 @@ def test_jumprelu_reaches_its_target_l0_at_the_defaults(worlds, tmp_path):
 def true_firing(world: Path) -> tuple[sp.csr_matrix, np.ndarray]:
     """Boolean [tokens, features] firing of the held-out tail's true codes, and the parents."""
     truth = load_file(world / "ground_truth.safetensors")
-    indptr = truth["heldout_indptr"]
-    shape = (len(indptr) - 1, len(truth["feature_vectors"]))
-    codes = sp.csr_matrix((truth["heldout_values"], truth["heldout_indices"], indptr), shape=shape)
-    return sp.csr_matrix(codes > 0), truth.get("parent")
+    return metrics.firing(metrics.heldout_codes(truth)), truth.get("parent")
 
 
 def mann_whitney_auc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -128,9 +125,9 @@ def heldout_scores(world: Path, run: Path) -> dict[str, float | None]:
     v = make_variant(config["variant"], config["d_in"], config["d_sae"], **config["hparams"])
     params = v.params_from_arrays(load_file(run / "sae_params.safetensors"))
     truth = load_file(world / "ground_truth.safetensors")
-    offset, indptr = int(truth["heldout_offset"][0]), truth["heldout_indptr"]
+    offset, n_heldout = int(truth["heldout_offset"][0]), len(truth["heldout_indptr"]) - 1
     cache = ActivationCache(world)
-    acts = cache.acts(0)[offset : offset + len(indptr) - 1] * config["norm_scale"]
+    acts = cache.acts(0)[offset : offset + n_heldout] * config["norm_scale"]
     codes = np.concatenate(
         [np.asarray(v.encode(params, acts[i : i + BATCH])) for i in range(0, len(acts), BATCH)]
     )

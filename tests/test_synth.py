@@ -71,11 +71,7 @@ def built(tmp_path_factory) -> Path:
 def heldout_codes(world: Path) -> tuple[np.ndarray, dict]:
     """Dense true codes of the held-out tail, and the whole ground-truth file."""
     truth = load_file(world / "ground_truth.safetensors")
-    indptr = truth["heldout_indptr"]
-    codes = sp.csr_matrix(
-        (truth["heldout_values"], truth["heldout_indices"], indptr), shape=(len(indptr) - 1, F)
-    )
-    return codes.toarray(), truth
+    return metrics.heldout_codes(truth).toarray(), truth
 
 
 def direct_jaccard(active: np.ndarray) -> float:
