@@ -34,6 +34,11 @@ def diagnosed_terms(variant: Variant) -> tuple[Any, ...]:
 
 def make_grad_shares(variant: Variant, compute_dtype: Any = jnp.float32) -> GradShares:
     """Jitted `shares(params, state, batch, step) -> {"grad_share/<term>": scalar}`."""
+    return jax.jit(grad_shares_body(variant, compute_dtype))
+
+
+def grad_shares_body(variant: Variant, compute_dtype: Any = jnp.float32) -> GradShares:
+    """`make_grad_shares` before jit, to compose with `jax.vmap` (sweeps)."""
     terms = diagnosed_terms(variant)
 
     def gradient(params, state, batch, step, skip: frozenset[str]) -> Params:
@@ -57,4 +62,4 @@ def make_grad_shares(variant: Variant, compute_dtype: Any = jnp.float32) -> Grad
             )
         return out
 
-    return jax.jit(shares)
+    return shares

@@ -104,7 +104,8 @@ def make_schedule(
     """
     if decay not in DECAYS:
         raise ValueError(f"unknown lr decay {decay!r}; valid: {', '.join(DECAYS)}")
-    if lr <= 0 or warmup_steps < 0:
+    traced = isinstance(lr, jax.Array)  # a sweep's lr, one per member: checked before tracing
+    if (not traced and lr <= 0) or warmup_steps < 0:
         raise ValueError(f"need lr > 0 and warmup_steps >= 0, got lr={lr}, {warmup_steps=}")
     if decay != "constant" and (total_steps is None or total_steps <= warmup_steps):
         raise ValueError(

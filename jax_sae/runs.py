@@ -45,6 +45,7 @@ TRAINING_KEYS = (
     "batch_size",
     "steps",
     "seed",
+    "data_seed",
     "compute_dtype",
     "normalize",
     "norm_scale",

@@ -28,6 +28,15 @@ def make_train_step(
     `compute_dtype` the matmuls use (see `jax_sae.models`).
     """
 
+    return jax.jit(train_step_body(v, opt, compute_dtype), donate_argnums=(0, 1, 2))
+
+
+def train_step_body(
+    v: Variant, opt: optax.GradientTransformation, compute_dtype: Any = jnp.float32
+) -> TrainStep:
+    """The step of `make_train_step` before jit, to compose with `jax.vmap` (sweeps). Metrics
+    stay device scalars (or [N] under vmap)."""
+
     def step_fn(params, opt_state, reg_state, batch, step):
         grad_fn = jax.value_and_grad(v.loss, has_aux=True)
         (_, (reg_state, metrics)), grads = grad_fn(
@@ -37,4 +46,4 @@ def make_train_step(
         params = optax.apply_updates(params, updates)
         return params, opt_state, reg_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step_fn, donate_argnums=(0, 1, 2))
+    return step_fn

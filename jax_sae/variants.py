@@ -31,7 +31,7 @@ optimizer, extra forward outputs go in a subclass of `models.Forward`.
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -277,6 +277,11 @@ class Variant:
     @property
     def batch_keys(self) -> tuple[str, ...]:
         return self.spec.batch_keys
+
+    def with_hparams(self, values: Mapping[str, Any]) -> "Variant":
+        """This variant with some hyper-parameters replaced, unchecked: a sweep traces its
+        members' differing values as arrays (each member was checked by `make_variant`)."""
+        return replace(self, hparams=MappingProxyType({**self.hparams, **values}))
 
     def model(self, compute_dtype: Any = jnp.float32) -> ReLUSAE:
         """The Flax module of this variant's architecture."""

@@ -1,0 +1,142 @@
+"""The compiled step of a group of SAEs that share every batch: one run plainly, a sweep vmapped.
+
+A sweep group stacks its members' states along a leading member axis and runs them through one
+``jax.vmap``-ed step. Hyper-parameters that differ between members enter the step as arrays
+(one value per member, ``Variant.with_hparams``); all others stay Python constants, so a
+member computes exactly what the same single run computes. A hyper-parameter that sets a shape
+or steers Python control flow cannot be an array: ``traceable`` finds out by tracing, and the
+trainer then puts such members in separate groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jax_sae.diagnostics import grad_shares_body
+from jax_sae.optim import make_optimizer
+from jax_sae.train_step import train_step_body
+from jax_sae.variants import Variant
+
+TrainState = dict[str, Any]
+"""``{"params", "opt_state", "reg_state", "rng"}``: everything a checkpoint holds."""
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def optimizer_for(hp: Mapping[str, Any], steps: int) -> optax.GradientTransformation:
+    """The run's optimizer from its hyper-parameters (ValueError for invalid ones)."""
+    return make_optimizer(
+        lr=hp["lr"],
+        warmup_steps=hp["warmup_steps"],
+        total_steps=steps,
+        decay=hp["lr_decay"],
+        grad_clip_norm=hp["grad_clip_norm"],
+    )
+
+
+def initial_state(variant: Variant, seed: int, steps: int, data_sample: np.ndarray) -> TrainState:
+    """Fresh training state of one run; also the structure a checkpoint is restored into."""
+    init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+    params = variant.init_params(init_key, data_sample=data_sample)
+    return {
+        "params": params,
+        "opt_state": optimizer_for(variant.hparams, steps).init(params),
+        "reg_state": variant.init_state(),
+        "rng": rng,
+    }
+
+
+def differing_hparams(variants: Sequence[Variant]) -> dict[str, jax.Array]:
+    """The hyper-parameters on which members differ, as one float32 array each ([N])."""
+    keys = [k for k in variants[0].hparams if len({v.hparams[k] for v in variants}) > 1]
+    return {k: jnp.asarray([v.hparams[k] for v in variants], jnp.float32) for k in keys}
+
+
+def vmap_members(
+    build: Callable[[Variant], Callable], variants: Sequence[Variant], member_args: int
+) -> Callable:
+    """``build(variant)`` for every member at once: vmapped over the leading member axis of the
+    first ``member_args`` arguments, the other arguments shared by all members."""
+    base, values = variants[0], differing_hparams(variants)
+
+    def one(hp: dict, *args: Any) -> Any:
+        return build(base.with_hparams(hp))(*args)
+
+    def every(*args: Any) -> Any:
+        shared = len(args) - member_args
+        in_axes = (0, *[0] * member_args, *[None] * shared)
+        return jax.vmap(one, in_axes=in_axes)(values, *args)
+
+    return every
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A group's jitted step and gradient-share diagnostics over the stacked (or plain) state."""
+
+    step: Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
+    grad_shares: Callable[[TrainState, dict, jax.Array], dict]
+    size: int
+    vmapped: bool
+
+    def member(self, tree: Any, index: int) -> Any:
+        """Member ``index``'s slice of a state or of metrics."""
+        return jax.tree.map(lambda x: x[index], tree) if self.vmapped else tree
+
+    def stack(self, trees: Sequence[Any]) -> Any:
+        """The group's state from its members' states."""
+        if not self.vmapped:
+            return trees[0]
+        return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
+
+
+def make_engine(
+    variants: Sequence[Variant], steps: int, compute_dtype: str, vmapped: bool
+) -> Engine:
+    """The engine of one group: ``vmapped`` for a sweep (any size), plain for one run."""
+    dtype = COMPUTE_DTYPES[compute_dtype]
+
+    def build_step(v: Variant) -> Callable:
+        return train_step_body(v, optimizer_for(v.hparams, steps), dtype)
+
+    def build_shares(v: Variant) -> Callable:
+        return grad_shares_body(v, dtype)
+
+    if vmapped:
+        body = vmap_members(build_step, variants, member_args=3)
+        shares = vmap_members(build_shares, variants, member_args=2)
+    else:
+        (variant,) = variants
+        body, shares = build_step(variant), build_shares(variant)
+    jitted_step = jax.jit(body, donate_argnums=(0, 1, 2))
+    jitted_shares = jax.jit(shares)
+
+    def step(state: TrainState, batch: dict, index: jax.Array) -> tuple[TrainState, dict]:
+        params, opt_state, reg_state, metrics = jitted_step(
+            state["params"], state["opt_state"], state["reg_state"], batch, index
+        )
+        return state | {"params": params, "opt_state": opt_state, "reg_state": reg_state}, metrics
+
+    def grad_shares(state: TrainState, batch: dict, index: jax.Array) -> dict:
+        return jitted_shares(state["params"], state["reg_state"], batch, index)
+
+    return Engine(step, grad_shares, len(variants), vmapped)
+
+
+def traceable(engine: Engine, state: TrainState, batch: dict) -> str | None:
+    """None if the engine's step traces with these inputs, else the reason it cannot (a
+    hyper-parameter that sets a shape or a Python branch differs between members)."""
+    try:
+        jax.eval_shape(engine.step, state, batch, jnp.int32(0))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError) as error:
+        return str(error).splitlines()[0]
+    except TypeError as error:  # e.g. int(tracer) for a size
+        return str(error).splitlines()[0]
+    return None
