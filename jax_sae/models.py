@@ -100,6 +100,8 @@ class ReLUSAE(nn.Module):
 
     HPARAMS: ClassVar[Mapping[str, Any]] = {}
     """Architecture hyper-parameters and defaults; each is also a dataclass field of the class."""
+    HPARAM_DOCS: ClassVar[Mapping[str, str]] = {}
+    """One line per key of `HPARAMS`: what it does, in which unit (`variants.hparam_help`)."""
     EXPORT_ARCHITECTURE: ClassVar[str] = "standard"
     """SAELens architecture name the exporter writes."""
     B_DEC_FROM_DATA: ClassVar[bool] = False
@@ -209,6 +211,9 @@ class TopKFamilySAE(ReLUSAE):
     dense: bool
 
     HPARAMS: ClassVar[Mapping[str, Any]] = {"dense": False}
+    HPARAM_DOCS: ClassVar[Mapping[str, str]] = {
+        "dense": "train on the dense reference path, not the sparse one (same values, gradients)",
+    }
     B_DEC_FROM_DATA: ClassVar[bool] = True
     PER_ROW_SELECTION: ClassVar[bool] = True
     """The sparse path selects the same number of latents per token (`sparse.per_row_pairs`)."""
@@ -249,6 +254,10 @@ class TopKSAE(TopKFamilySAE):
     k: int
 
     HPARAMS: ClassVar[Mapping[str, Any]] = {**TopKFamilySAE.HPARAMS, "k": 320}
+    HPARAM_DOCS: ClassVar[Mapping[str, str]] = {
+        **TopKFamilySAE.HPARAM_DOCS,
+        "k": "latents active per token: the k largest pre-activations of each token are kept",
+    }
     EXPORT_ARCHITECTURE: ClassVar[str] = "topk"
 
     @classmethod
@@ -289,6 +298,10 @@ class BatchTopKSAE(TopKSAE):
     Without a state `encode` falls back to the training rule on the given batch.
     """
 
+    HPARAM_DOCS: ClassVar[Mapping[str, str]] = {
+        **TopKSAE.HPARAM_DOCS,
+        "k": "mean latents active per token: the k x batch-size largest activations of a batch",
+    }
     EXPORT_ARCHITECTURE: ClassVar[str] = "jumprelu"
     PER_ROW_SELECTION: ClassVar[bool] = False
 
@@ -331,6 +344,10 @@ class JumpReLUSAE(ReLUSAE):
     HPARAMS: ClassVar[Mapping[str, Any]] = {
         "bandwidth": 0.001,
         "threshold_init": 0.001,
+    }
+    HPARAM_DOCS: ClassVar[Mapping[str, str]] = {
+        "bandwidth": "width of the rectangle kernel of the straight-through gradient to theta",
+        "threshold_init": "initial threshold theta of every latent (b_enc's data init uses it)",
     }
     EXPORT_ARCHITECTURE: ClassVar[str] = "jumprelu"
 
@@ -427,6 +444,12 @@ class TwoLevelSAE(TopKFamilySAE):
         "k_b": lambda d_in, d_sae: _default_k_b(d_sae),
         "k_c": lambda d_in, d_sae: _default_k_c(d_sae),
         "F_c": lambda d_in, d_sae: _default_n_concepts(d_sae),
+    }
+    HPARAM_DOCS: ClassVar[Mapping[str, str]] = {
+        **TopKFamilySAE.HPARAM_DOCS,
+        "k_b": "base latents active per token: a TopK among the children of active concepts",
+        "k_c": "concept latents active per token (concept-level TopK)",
+        "F_c": "number of concept latents; each gates a block of d_sae / F_c base latents",
     }
     """SPEC 3.9 (revised 2026-11-29): F / 64 concepts, k_c 32, k_b 288 (k_c + k_b = 320, the TopK
     baseline's L0), each lowered only where a small dictionary cannot hold it. The former F / 8,

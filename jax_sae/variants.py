@@ -11,7 +11,8 @@ and updates dead-latent tracking (losses/dead.py) plus each term's own slice of 
 How to add a variant (e.g. `freq`, SPEC 3.5):
 
 1. Write `jax_sae/losses/freq.py` with a `LossTerm` subclass: `NAME` and `ACTS_ON` (for the
-   gradient-share diagnostics), `HPARAMS` (name -> default),
+   gradient-share diagnostics), `HPARAMS` (name -> default), `HPARAM_DOCS` (name -> one help
+   line, required: `hparam_help` and tests/test_variants.py refuse a hyper-parameter without one),
    `init_state` (its state entries, e.g. `{"firing_rate": zeros [F]}`), and `__call__(ctx, state)`
    returning `TermOutput(loss_added, new_state_entries, metrics)`. `ctx` holds the params, the
    batch, `fwd.pre/h/x_hat`, the reconstruction loss, the fired and dead masks, the step and all
@@ -29,9 +30,11 @@ A variant with a new architecture (e.g. `two_level`) adds a module subclassing
 optimizer, extra forward outputs go in a subclass of `models.Forward`.
 """
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -77,6 +80,15 @@ TRAINING_HPARAMS: Mapping[str, Any] = MappingProxyType(
 """Per-variant training defaults; train.py passes them to `optim.make_optimizer`.
 `grad_clip_norm` (off): global gradient-norm clipping, as dictionary_learning and SAELens do (1.0);
 measured on our TopK it lowered held-out explained variance (benchmarks/RESULTS.md)."""
+TRAINING_HPARAM_DOCS: Mapping[str, str] = MappingProxyType(
+    {
+        "lr": "peak Adam learning rate, after the warm-up (TopK family: 2e-4 / sqrt(d_sae / 2^14))",
+        "warmup_steps": "steps of linear learning-rate warm-up (lr / warmup_steps to lr); 0: none",
+        "lr_decay": "after the warm-up: constant lr, or cosine/linear decay to 0 at the last step",
+        "grad_clip_norm": "clip the gradient to this global L2 norm before Adam; None: no clipping",
+    }
+)
+"""One help line per key of `TRAINING_HPARAMS` (`hparam_help`)."""
 
 
 @dataclass(frozen=True)
@@ -236,18 +248,103 @@ def variant_spec(name: str) -> VariantSpec:
     return VARIANTS[name]
 
 
-def describe_hparams(name: str, d_in: int = 2304) -> list[str]:
-    """`key=default` (with the allowed values of string options) for every hyper-parameter of
-    variant `name` at its reference size for d_in; for `--help` and the docs."""
+def format_default(value: Any, choices: tuple[str, ...] = ()) -> str:
+    """A hyper-parameter value as the help prints it: floats to 4 significant digits, anything
+    else as is, followed by the allowed values of a string option."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return f"{value}" + (f" ({'|'.join(choices)})" if choices else "")
+
+
+def _printed_defaults(name: str, d_in: int) -> list[tuple[str, str]]:
+    """(key, formatted default) of every hyper-parameter of variant `name` at its reference size
+    for d_in, in resolution order (training, recon, dead tracking, architecture, terms)."""
     spec = variant_spec(name)
     choices = hparam_choices(spec)
     hparams = make_variant(name, d_in, spec.suggested_d_sae(d_in)).hparams
-    return [
-        f"{key}={value:.4g}"
-        if isinstance(value, float)
-        else f"{key}={value}" + (f" ({'|'.join(choices[key])})" if key in choices else "")
-        for key, value in hparams.items()
+    return [(key, format_default(value, choices.get(key, ()))) for key, value in hparams.items()]
+
+
+def describe_hparams(name: str, d_in: int = 2304) -> list[str]:
+    """`key=default` (with the allowed values of string options) for every hyper-parameter of
+    variant `name` at its reference size for d_in; for `--help` and the docs."""
+    return [f"{key}={default}" for key, default in _printed_defaults(name, d_in)]
+
+
+def _declared_in(source: Any) -> tuple[str, str]:
+    """(name, file relative to the repository) of a hyper-parameter source: a module, an
+    architecture class or a loss-term instance."""
+    owner = source if inspect.ismodule(source) or inspect.isclass(source) else type(source)
+    path = Path(inspect.getfile(owner)).resolve()
+    root = Path(__file__).resolve().parent.parent
+    where = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    return owner.__name__.rsplit(".", 1)[-1], where
+
+
+def _check_docs(hparams: Mapping[str, Any], docs: Mapping[str, str], owner: str, where: str):
+    for key in hparams:
+        if key not in docs:
+            raise VariantError(
+                f"hyper-parameter {key!r} of {owner} has no help line: add it to the "
+                f"HPARAM_DOCS of {owner} in {where}"
+            )
+    stale = sorted(set(docs) - set(hparams))
+    if stale:
+        raise VariantError(
+            f"HPARAM_DOCS of {owner} in {where} documents {stale[0]!r}, which is not one of its "
+            "hyper-parameters: remove or rename it"
+        )
+
+
+def hparam_docs(spec: VariantSpec) -> dict[str, str]:
+    """The help line of every hyper-parameter a variant's sources declare (the last declaration
+    of a shared name wins, as for its default). VariantError naming the key and the file when a
+    source declares a hyper-parameter without a line in its `HPARAM_DOCS`, or documents one it
+    does not declare."""
+    _check_docs(TRAINING_HPARAMS, TRAINING_HPARAM_DOCS, "TRAINING_HPARAMS", "jax_sae/variants.py")
+    docs = dict(TRAINING_HPARAM_DOCS)
+    for source in spec.hparam_sources():
+        hparams = getattr(source, "HPARAMS", {})
+        source_docs = getattr(source, "HPARAM_DOCS", {})
+        _check_docs(hparams, source_docs, *_declared_in(source))
+        docs.update({key: source_docs[key] for key in hparams})
+    return docs
+
+
+def hparam_help(name: str, d_in: int = 2304) -> list[tuple[str, str, str]]:
+    """(key, default as `describe_hparams` prints it, help line) for every hyper-parameter of
+    variant `name`, in `describe_hparams`' order; for `train.py --help-variant`.
+
+    VariantError when a hyper-parameter has no help line (`hparam_docs`)."""
+    spec = variant_spec(name)
+    docs = hparam_docs(spec)
+    rows = []
+    for key, default in _printed_defaults(name, d_in):
+        if key not in docs:  # a key only `VariantSpec.defaults` introduces
+            raise VariantError(
+                f"hyper-parameter {key!r} of variant {name!r} is declared by no HPARAMS, only by "
+                "its defaults in VARIANTS (jax_sae/variants.py): declare and document it"
+            )
+        rows.append((key, default, docs[key]))
+    return rows
+
+
+def format_variant_help(name: str, d_in: int = 2304) -> str:
+    """Every hyper-parameter of variant `name` with its default and help line, as an aligned
+    table under a header naming the variant and its suggested d_sae."""
+    spec = variant_spec(name)
+    rows = hparam_help(name, d_in)
+    key_width = max(len(key) for key, _, _ in rows)
+    default_width = max(len(default) for _, default, _ in rows)
+    lines = [
+        f"{name}: {spec.description}; suggested d_sae {spec.suggested_d_sae(d_in)} at d_in {d_in}",
+        f"defaults shown for d_in {d_in}; sizes and some coefficients adapt to the cache's d_in "
+        "and warm-ups to the run length, see docs/variants.md",
     ]
+    lines += [
+        f"  {key:<{key_width}}  {default:<{default_width}}  {doc}" for key, default, doc in rows
+    ]
+    return "\n".join(lines)
 
 
 def make_variant(name: str, d_in: int, d_sae: int, **hparams: Any) -> "Variant":

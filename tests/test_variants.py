@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 
 from jax_sae.init import geometric_median
-from jax_sae.variants import VARIANTS, VariantError, make_variant
+from jax_sae.losses import dead
+from jax_sae.losses.auxk import AuxK
+from jax_sae.models import TopKSAE
+from jax_sae.variants import (
+    VARIANTS,
+    VariantError,
+    describe_hparams,
+    format_variant_help,
+    hparam_help,
+    make_variant,
+)
 
 D_IN, D_SAE = 16, 64
 BASELINES = ["standard", "topk", "batchtopk", "jumprelu"]
@@ -222,3 +232,71 @@ def test_init_state_tracks_dead_latents(name):
     assert state["tokens_since_fired"].shape == (D_SAE,)
     assert state["tokens_since_fired"].dtype == jnp.float32
     assert ("threshold" in state) == (name == "batchtopk")
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_hyperparameter_has_a_help_line(name):
+    """A hyper-parameter added without a line in its source's HPARAM_DOCS fails here."""
+    rows = hparam_help(name)
+    assert [f"{key}={default}" for key, default, _ in rows] == describe_hparams(name)
+    for key, _, doc in rows:
+        assert doc.strip() and "\n" not in doc and len(doc) <= 90, (key, doc)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_help_lists_every_hyperparameter(name):
+    spec = VARIANTS[name]
+    lines = format_variant_help(name).splitlines()
+    assert lines[0].startswith(f"{name}: {spec.description}")
+    assert f"d_sae {spec.suggested_d_sae(2304)}" in lines[0]
+    assert "defaults shown for d_in 2304" in lines[1]
+    hparams = make_variant(name, 2304, spec.suggested_d_sae(2304)).hparams
+    table = lines[2:]
+    assert [line.split()[0] for line in table] == list(hparams)
+    doc_column = {
+        line.index(doc) for line, (_, _, doc) in zip(table, hparam_help(name), strict=True)
+    }
+    assert len(doc_column) == 1  # aligned
+
+
+def test_describe_hparams_format_is_unchanged():
+    assert describe_hparams("topk") == [
+        "lr=0.0001",
+        "warmup_steps=1000",
+        "lr_decay=constant (constant|cosine|linear)",
+        "grad_clip_norm=None",
+        "recon=squared (squared|l2norm)",
+        "dead_tokens=10000000",
+        "dense=False",
+        "k=320",
+        "k_aux=1152",
+        "alpha_aux=0.03125",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("variant", "owner", "where"),
+    [
+        ("topk", AuxK, "jax_sae/losses/auxk.py"),
+        ("topk", TopKSAE, "jax_sae/models.py"),
+        ("standard", dead, "jax_sae/losses/dead.py"),
+    ],
+)
+def test_undocumented_hyperparameter_is_refused(monkeypatch, variant, owner, where):
+    monkeypatch.setattr(owner, "HPARAMS", {**owner.HPARAMS, "new_knob": 1})
+    with pytest.raises(VariantError, match=f"'new_knob'.*{where}"):
+        hparam_help(variant)
+
+
+def test_undocumented_l1_coefficient_is_refused(monkeypatch):
+    l1 = VARIANTS["temporal"].terms[0]
+    assert l1.HPARAM_DOCS.keys() == {"lambda_1"}
+    monkeypatch.setattr(l1, "HPARAM_DOCS", {})
+    with pytest.raises(VariantError, match="'lambda_1'.*jax_sae/losses/l1.py"):
+        hparam_help("temporal")
+
+
+def test_stale_help_line_is_refused(monkeypatch):
+    monkeypatch.setattr(AuxK, "HPARAM_DOCS", {**AuxK.HPARAM_DOCS, "old_knob": "gone"})
+    with pytest.raises(VariantError, match="'old_knob'.*not one of its hyper-parameters"):
+        hparam_help("topk")

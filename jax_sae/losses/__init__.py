@@ -8,8 +8,9 @@ the regulariser-state entries it owns, and its metrics. Terms are pure functions
 (jit-able, vmap-able): no Python-side mutation, no host sync, no Python branching on traced values.
 
 Hyper-parameters: a term declares the ones it reads in `HPARAMS` (name -> default; a callable
-default is computed from `(d_in, d_sae)`), may restrict string values in `CHOICES`, list the ones
-that may be None ("off") in `NULLABLE`, and check ranges in `check_hparams`. Names are global
+default is computed from `(d_in, d_sae)`) with one help line each in `HPARAM_DOCS` (same keys;
+`variants.hparam_help` refuses a missing one), may restrict string values in `CHOICES`, list the
+ones that may be None ("off") in `NULLABLE`, and check ranges in `check_hparams`. Names are global
 within a variant, so two terms that read `lambda` share it. Coefficients are used arithmetically
 only, never in Python `if`s, so a sweep may later pass them as traced arrays.
 """
@@ -61,6 +62,8 @@ class LossTerm:
     (`jax_sae.defaults`): on normalised inputs the reconstruction gradient the term competes with
     grows about linearly with d_in."""
     HPARAMS: ClassVar[Mapping[str, Any]] = {}
+    HPARAM_DOCS: ClassVar[Mapping[str, str]] = {}
+    """One line per key of `HPARAMS`: what it does, in which unit (`variants.hparam_help`)."""
     CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     NULLABLE: ClassVar[frozenset[str]] = frozenset()
 

@@ -66,6 +66,10 @@ class AuxK(LossTerm):
     NAME = "aux"
     ACTS_ON = ("W_dec",)
     HPARAMS = {"k_aux": lambda d_in, d_sae: d_in // 2, "alpha_aux": 1 / 32}
+    HPARAM_DOCS = {
+        "k_aux": "dead latents per token (largest pre-activations) that reconstruct the residual",
+        "alpha_aux": "weight of the AuxK loss (residual error / residual variance); 0: off",
+    }
 
     def check_hparams(self, hparams, d_in, d_sae):
         if not 1 <= hparams["k_aux"] <= d_sae:

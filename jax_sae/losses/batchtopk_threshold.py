@@ -14,6 +14,9 @@ from jax_sae.losses import LossContext, LossTerm, TermOutput
 
 class BatchTopKThreshold(LossTerm):
     HPARAMS = {"threshold_decay": 0.99}
+    HPARAM_DOCS = {
+        "threshold_decay": "per-step EMA decay of the inference threshold (least kept activation)",
+    }
 
     def check_hparams(self, hparams, d_in, d_sae):
         if not 0 <= hparams["threshold_decay"] < 1:

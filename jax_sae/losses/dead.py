@@ -11,6 +11,10 @@ import jax
 import jax.numpy as jnp
 
 HPARAMS = {"dead_tokens": 10_000_000}
+HPARAM_DOCS = {
+    "dead_tokens": "a latent that has not fired for this many training tokens counts as dead "
+    "(AuxK revives it)",
+}
 STATE_KEY = "tokens_since_fired"
 
 

@@ -70,6 +70,11 @@ class FrequencyWeighting(LossTerm):
     NAME = "freq"
     ACTS_ON = ("W_enc", "b_enc")
     HPARAMS = {"alpha": 0.5, "rate_decay": 0.99, "freq_norm": "none"}
+    HPARAM_DOCS = {
+        "alpha": "frequency weight: each latent pays lambda * (1 + alpha * w_i) per unit of |h_i|",
+        "rate_decay": "per-step EMA decay m of each latent's firing rate f (fraction of tokens)",
+        "freq_norm": "weight w: none = firing rate f; mean = f / mean(f) over latents",
+    }
     CHOICES = {"freq_norm": ("none", "mean")}
 
     def check_hparams(self, hparams, d_in, d_sae):

@@ -284,6 +284,18 @@ class HierarchicalOrthogonality(LossTerm):
         "block_size": 1024,
         "token_chunk": 64,
     }
+    HPARAM_DOCS = {
+        "lambda_2": "weight of (1/F) sum w_ij |d_i . d_j| over co-firing pairs; scales with d_in",
+        "c_max": "cap on the pair weight w_ij (co-firing relative to chance)",
+        "prior_cofirings": "smoothing a in c_ij = (n_ij + a) / (p n_j + a), in co-firings; 0: raw",
+        "competition": "max: max(c_ij, c_ji); directional: gradient to the rarer only; "
+        "geometric: by sqrt(n_i n_j)",
+        "counts": "co-firing counts: batch = this batch; ema = moving average (F x F state)",
+        "counts_decay": "per-step EMA decay of the co-firing counts (counts=ema only)",
+        "ortho_target": "decoder: penalise |d_i . d_j|; activations: the reference's h^T h penalty",
+        "block_size": "latent rows per block on the all-pairs paths (ema, activations); memory",
+        "token_chunk": "tokens per chunk when enumerating co-active pairs (default path); memory",
+    }
     CHOICES = {
         "competition": ("max", "directional", "geometric"),
         "counts": ("batch", "ema"),

@@ -23,6 +23,11 @@ class JumpReLUSparsity(LossTerm):
     NAME = "sparsity"
     ACTS_ON = ("threshold",)
     HPARAMS = {"sparsity_penalty": 1.0, "target_l0": 20.0, "sparsity_warmup_steps": 2000}
+    HPARAM_DOCS = {
+        "sparsity_penalty": "weight of the L0 penalty (L0 / target_l0 - 1)^2, or of L0 itself",
+        "target_l0": "active latents per token the L0 penalty steers to; None: penalise L0 itself",
+        "sparsity_warmup_steps": "steps over which the L0 penalty's weight rises linearly from 0",
+    }
     NULLABLE = frozenset({"target_l0"})
 
     def check_hparams(self, hparams, d_in, d_sae):

@@ -14,6 +14,9 @@ class L1Penalty(LossTerm):
     def __init__(self, coefficient: str = "lambda", default: float = 0.04) -> None:
         self.coefficient = coefficient
         self.HPARAMS = {coefficient: default}
+        self.HPARAM_DOCS = {
+            coefficient: f"L1 coefficient: adds {coefficient} * mean_batch sum_i |h_i| to the loss"
+        }
 
     def check_hparams(self, hparams, d_in, d_sae):
         if hparams[self.coefficient] < 0:

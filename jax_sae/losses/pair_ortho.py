@@ -132,6 +132,16 @@ class PairOrthogonality(LossTerm):
         "topk_method": lambda d_in, d_sae: resolve_method("auto", d_sae),
         "block_size": 1024,
     }
+    HPARAM_DOCS = {
+        "tau": "weight of (1/F) sum t_ij |d_i . d_j| over the selected pairs; scales with d_in",
+        "tau_mode": "pair weight t: fixed = 1; adaptive = 1 + s_ij / max s",
+        "rho": "fraction of all latent pairs penalised: the top by s_ij = mean_batch h_i h_j",
+        "min_pairs": "least number of pairs penalised, whatever rho",
+        "score_ema": "select pairs on an EMA of s_ij instead of this batch's (F x F state)",
+        "score_ema_decay": "per-step EMA decay of the pair scores (score_ema only)",
+        "topk_method": "pair selection: lax.top_k or lax.approx_max_k; auto: exact to F 16384",
+        "block_size": "tile size b of the blockwise pair scores (b x b tiles); memory",
+    }
     CHOICES = {"tau_mode": ("fixed", "adaptive"), "topk_method": ("exact", "approx", "auto")}
 
     def check_hparams(self, hparams, d_in, d_sae):

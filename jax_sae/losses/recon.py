@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 
 HPARAMS = {"recon": "squared"}
+HPARAM_DOCS = {
+    "recon": "reconstruction loss: squared = mean_batch ||x - x_hat||^2; l2norm: not squared",
+}
 CHOICES = {"recon": ("squared", "l2norm")}
 
 

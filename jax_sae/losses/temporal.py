@@ -84,6 +84,12 @@ class TemporalConsistency(LossTerm):
     NAME = "temporal"
     ACTS_ON = ("W_enc", "b_enc")
     HPARAMS = {"lambda_2": 0.02, "beta": 5.0, "l_max_decay": 0.99, "gap_mode": "relative"}
+    HPARAM_DOCS = {
+        "lambda_2": "weight of the consistency penalty a * mean_batch ||h - f_prev||_1",
+        "beta": "sharpness of the adaptive weight a = sigmoid(beta * gap), gap = L_max - L_recon",
+        "l_max_decay": "per-step decay m of the running maximum L_max <- max(L_recon, m L_max)",
+        "gap_mode": "relative: gap / L_max (scale-free); absolute: the raw gap L_max - L_recon",
+    }
     CHOICES = {"gap_mode": ("relative", "absolute")}
 
     def check_hparams(self, hparams, d_in, d_sae):
