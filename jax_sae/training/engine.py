@@ -135,8 +135,10 @@ def traceable(engine: Engine, state: TrainState, batch: dict) -> str | None:
     hyper-parameter that sets a shape or a Python branch differs between members)."""
     try:
         jax.eval_shape(engine.step, state, batch, jnp.int32(0))
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError) as error:
-        return str(error).splitlines()[0]
-    except TypeError as error:  # e.g. int(tracer) for a size
+    except (
+        jax.errors.ConcretizationTypeError,
+        jax.errors.TracerBoolConversionError,
+        jax.errors.TracerIntegerConversionError,
+    ) as error:
         return str(error).splitlines()[0]
     return None

@@ -1,0 +1,207 @@
+"""From a TrainConfig to everything a run needs: the cache, its loader, the variant with adapted
+defaults, and the resolved ``config.json`` (checked before anything is written)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jax_sae import runs
+from jax_sae.data import ActivationCache, hook_name
+from jax_sae.defaults import adapt_hparams
+from jax_sae.loader import DEFAULT_BUFFER_CHUNKS, DEFAULT_CHUNK_TOKENS, Loader, norm_scale
+from jax_sae.training.config import (
+    ConfigError,
+    TrainConfig,
+    default_log_every,
+)
+from jax_sae.training.engine import optimizer_for
+from jax_sae.variants import Variant, make_variant, variant_spec
+
+DEFAULT_EVAL_TOKENS = 65536
+SPARSITY_KEYS = ("lambda", "lambda_1", "sparsity_penalty", "k", "k_b")
+"""Hyper-parameter reported as the template's ``sparsity_penalty`` (first one the variant has)."""
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """One run (or sweep member) ready to train: ``config`` is what config.json records."""
+
+    settings: TrainConfig  # resolved: every default filled in, as train_config.yaml keeps it
+    config: dict[str, Any]
+    variant: Variant
+    out: Path
+
+
+def open_cache(cfg: TrainConfig) -> ActivationCache:
+    cache = ActivationCache(cfg.cache)
+    if not cache.complete and not cfg.allow_incomplete:
+        raise ConfigError(
+            f"cache {cfg.cache} is not complete ({cache.n_tokens} tokens in "
+            f"{len(cache.shard_sizes)} shards so far: extraction is running or was interrupted); "
+            "finish it (python -m extract ... --resume) or pass --allow-incomplete to train on "
+            "the shards listed now"
+        )
+    return cache
+
+
+def eval_tokens_for(cfg: TrainConfig, cache: ActivationCache) -> int:
+    if cfg.eval_tokens is not None:
+        return cfg.eval_tokens
+    return min(DEFAULT_EVAL_TOKENS, cache.n_tokens // 10)
+
+
+def make_loader(cfg: TrainConfig, cache: ActivationCache) -> Loader:
+    """The batches of a run (shared by every member of a sweep group)."""
+    return Loader(
+        cache,
+        cfg.layer,
+        batch_size=cfg.batch_size,
+        seed=cfg.batch_seed,
+        eval_tokens=eval_tokens_for(cfg, cache),
+        batch_keys=variant_spec(cfg.variant).batch_keys,
+        scale=norm_scale(cache, cfg.layer) if cfg.normalize else 1.0,
+    )
+
+
+def run_steps(cfg: TrainConfig, loader: Loader) -> int:
+    tokens = cfg.tokens or (cfg.steps or 0) * cfg.batch_size or loader.n_train
+    return cfg.steps or math.ceil(tokens / cfg.batch_size)
+
+
+def cache_field(cache: ActivationCache, *names: str) -> Any:
+    """First of ``names`` in the manifest's top level, metadata or settings (None if absent)."""
+    manifest = cache.manifest
+    for section in (manifest, manifest.get("metadata") or {}, manifest.get("settings") or {}):
+        for name in names:
+            if section.get(name) is not None:
+                return section[name]
+    return None
+
+
+def first_run_length(out: Path, resume: bool) -> int | None:
+    """Steps the run in ``out`` was first started for: the defaults that adapt to the run length
+    keep their values when ``--resume --steps N`` extends it (None for a new run)."""
+    config_file = out / runs.CONFIG
+    if not (resume and config_file.exists()):
+        return None
+    old = runs.read_json(config_file)
+    return (old.get("extends") or [old])[0].get("steps")
+
+
+def resolve_run(cfg: TrainConfig, loader: Loader, out: Path) -> ResolvedRun:
+    """The run's variant and config.json; one-line errors for settings that cannot work."""
+    cache, steps = loader.cache, run_steps(cfg, loader)
+    overrides = dict(cfg.hparams)
+    d_sae = overrides.pop("d_sae", None)
+    adapted = adapt_hparams(
+        cfg.variant,
+        cache.d_model,
+        steps=first_run_length(out, cfg.resume) or steps,
+        batch_size=cfg.batch_size,
+        overrides=overrides,
+        d_sae=d_sae,
+    )
+    variant = make_variant(cfg.variant, cache.d_model, adapted.d_sae, **adapted.overrides)
+    try:  # checks lr, warm-up and clipping; fail before anything is written
+        optimizer_for(variant.hparams, steps)
+    except ValueError as error:
+        raise ConfigError(f"{error}; change it with --set") from None
+    eval_tokens = eval_tokens_for(cfg, cache)
+    settings = cfg.replace(
+        hparams={**variant.hparams, "d_sae": variant.d_sae},
+        steps=steps,
+        tokens=None,
+        out=str(out),
+        resume=False,
+        data_seed=cfg.batch_seed,
+        log_every=cfg.log_every or default_log_every(steps),
+        eval_tokens=eval_tokens,
+        sweep=[],
+    )
+    config = {
+        "variant": variant.name,
+        "hparams": dict(variant.hparams),
+        "adapted_defaults": adapted.notes,
+        "warnings": adapted.warnings,
+        "d_in": cache.d_model,
+        "d_sae": variant.d_sae,
+        "layer": cfg.layer,
+        "cache": runs.portable_path(cache.path),
+        "cache_manifest_sha256": runs.manifest_sha256(cache),
+        "cache_complete": cache.complete,
+        "model_name": cache_field(cache, "model_name", "model"),
+        "hook_name": hook_name(cfg.layer),
+        "ctx_len": cache_field(cache, "ctx_len", "context_size"),
+        "dataset": cache_field(cache, "dataset", "dataset_name"),
+        "prepend_bos": cache_field(cache, "prepend_bos"),
+        "batch_size": cfg.batch_size,
+        "steps": steps,
+        "tokens": steps * cfg.batch_size,
+        "epochs": steps * cfg.batch_size / loader.n_train,
+        "train_tokens_in_cache": loader.n_train,
+        "seed": cfg.seed,
+        "data_seed": cfg.batch_seed,
+        "compute_dtype": cfg.compute_dtype,
+        "normalize": cfg.normalize,
+        "norm_scale": loader.scale,
+        "eval_tokens": eval_tokens,
+        "heldout_tokens": cache.n_tokens - loader.train_end,
+        "loader": {"chunk_tokens": DEFAULT_CHUNK_TOKENS, "buffer_chunks": DEFAULT_BUFFER_CHUNKS},
+        "checkpoint_every": cfg.checkpoint_every,
+        "log_every": settings.log_every,
+        "divergence": {
+            "loss_factor": cfg.diverge_loss_factor,
+            "min_explained_variance": cfg.diverge_min_ev,
+        },
+        "versions": runs.library_versions(),
+    }
+    config["config_hash"] = runs.config_hash(config)
+    return ResolvedRun(settings, config, variant, out)
+
+
+def prepare_run_dir(out: Path, config: dict, resume: bool) -> dict:
+    """Create the run folder, or check that ``--resume`` continues (or extends) the same
+    experiment; returns the config to record, marked running."""
+    config_file = out / runs.CONFIG
+    if not resume and runs.has_progress(out):
+        raise ConfigError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    if resume and config_file.exists():
+        config = continued_config(out, runs.read_json(config_file), config)
+    out.mkdir(parents=True, exist_ok=True)
+    runs.write_json(config_file, config)
+    runs.write_status(out, runs.RUNNING)
+    return config
+
+
+def continued_config(out: Path, old: dict, new: dict) -> dict:
+    """The config of a resumed run: the old one's history, plus an extension when ``--steps``
+    grew. Extending is exact only when the learning-rate schedule ignores the run length."""
+    extends = list(old.get("extends", []))
+    if old.get("config_hash") != new["config_hash"]:
+        keys = runs.differing_keys(old, new)
+        if keys != ["steps"]:
+            changed = "cache_manifest_sha256" in keys
+            hint = " (the cache changed since the run started)" if changed else ""
+            raise ConfigError(
+                f"cannot resume {out}: its config differs in {', '.join(keys) or 'config hash'}"
+                f"{hint}; rerun with the original flags or choose another --out"
+            )
+        if new["steps"] < old["steps"]:
+            raise ConfigError(
+                f"cannot resume {out} with --steps {new['steps']}: it was started for "
+                f"{old['steps']} steps; pass --steps {old['steps']} or more"
+            )
+        if new["hparams"]["lr_decay"] != "constant":
+            raise ConfigError(
+                f"cannot extend {out}: lr_decay={new['hparams']['lr_decay']} depends on the run "
+                "length, so more steps would change the finished ones; train a new --out"
+            )
+        extends.append({"steps": old["steps"], "config_hash": old["config_hash"]})
+        print(f"extending {out} from {old['steps']} to {new['steps']} steps", file=sys.stderr)
+    return new | {"extends": extends} if extends else new

@@ -1,0 +1,344 @@
+"""``Trainer(config).fit()``: one run, or a sweep of runs, from a TrainConfig to finished run
+folders (see ``jax_sae.runs`` for the folder layout).
+
+A run folder holds config.json (resolved settings, versions, cache hash), train_config.yaml
+(the resolved TrainConfig), metrics.jsonl, checkpoints/, and at the end sae_params.safetensors,
+final_info.json (with the fast evaluation on held-out cached tokens) and plots/. A killed run
+or sweep continues bit for bit with ``resume=True``. Bad settings, a damaged cache, a busy
+folder, a full disk or a diverged run raise the one-line errors of ``ONE_LINE_ERRORS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from safetensors.numpy import save_file
+
+from jax_sae import compare, plots, runs
+from jax_sae.checkpoint import CheckpointError, Checkpoints
+from jax_sae.data import CacheError
+from jax_sae.disk import DiskFullError, disk_full_error, is_disk_full, quiet_disk_full_in_threads
+from jax_sae.divergence import DivergenceRule, zero_reconstruction_loss
+from jax_sae.evaluate import EVAL_BATCH, evaluate
+from jax_sae.loader import Loader, LoaderError
+from jax_sae.training import sweep as sweeps
+from jax_sae.training.config import RESOLVED_CONFIG, ConfigError, TrainConfig, write_config_file
+from jax_sae.training.engine import (
+    TrainState,
+    differing_hparams,
+    initial_state,
+    make_engine,
+    traceable,
+)
+from jax_sae.training.loop import GroupRun, Member, TrainingError, mark_diverged
+from jax_sae.training.resolve import (
+    SPARSITY_KEYS,
+    ResolvedRun,
+    make_loader,
+    open_cache,
+    prepare_run_dir,
+    resolve_run,
+)
+from jax_sae.training.tracking import ExperimentLog
+from jax_sae.variants import VariantError
+
+ONE_LINE_ERRORS = (
+    CacheError,
+    LoaderError,
+    VariantError,
+    ConfigError,
+    CheckpointError,
+    TrainingError,
+    runs.RunFolderError,
+    DiskFullError,
+)
+"""Bad input or a stopped run: reported as one ``error:`` line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished run folder and its headline numbers."""
+
+    out: Path
+    status: str  # runs.FINISHED or runs.DIVERGED
+    final_loss: float | None
+    fast_eval: dict | None  # held-out evaluation (jax_sae.evaluate), None without held-out data
+
+
+class Trainer:
+    """Trains what a TrainConfig describes: one run, or every member of its ``sweep``."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config.checked()
+
+    def fit(self) -> list[FinishedRun]:
+        """Train (or resume) and finish every run; one FinishedRun per run folder."""
+        cfg = self.config
+        loader = make_loader(cfg, open_cache(cfg))
+        if cfg.sweep:
+            members = sweeps.expand(cfg, cfg.default_out())
+            resolved = [resolve_run(m.settings, loader, Path(m.settings.out)) for m in members]
+            for member, run in zip(members, resolved, strict=True):
+                run.config["sweep"] = {
+                    "name": cfg.default_out().name,
+                    "member": member.name,
+                    "swept": member.swept,
+                }
+            groups = sweeps.group_indices(resolved)
+        else:
+            resolved = [resolve_run(cfg, loader, cfg.default_out())]
+            members, groups = [], [[0]]
+        announce(resolved)
+        folders = [cfg.default_out()] if cfg.sweep else []
+        with contextlib.ExitStack() as stack:
+            for folder in [*folders, *(run.out for run in resolved)]:
+                stack.enter_context(locked(folder))
+            quiet_disk_full_in_threads()
+            try:
+                if cfg.sweep:
+                    self._write_sweep(members, groups)
+                finished = []
+                for number, group in enumerate(groups, 1):
+                    runs_in_group = [resolved[i] for i in group]
+                    label = self._label(runs_in_group, number, len(groups))
+                    finished += self._train_group(runs_in_group, loader, label)
+                if cfg.sweep:
+                    compare.write_sweep_report(cfg.default_out(), [run.out for run in resolved])
+            except ONE_LINE_ERRORS:
+                raise
+            except Exception as error:
+                if not is_disk_full(error):
+                    raise
+                need = sum(runs.space_to_finish(run.config) for run in resolved)
+                raise disk_full_error(cfg.default_out(), need, error, "rerun with --resume") from error
+        return finished
+
+    def _label(self, group: list[ResolvedRun], number: int, total: int) -> str:
+        if not self.config.sweep:
+            return f"train {group[0].out.name}"
+        where = f" group {number}/{total}" if total > 1 else ""
+        return f"sweep {self.config.default_out().name}{where} ({len(group)} members)"
+
+    def _write_sweep(self, members: list[sweeps.SweepMember], groups: list[list[int]]) -> None:
+        folder = self.config.default_out()
+        record = sweeps.sweep_record(self.config, members, groups)
+        existing = folder / sweeps.SWEEP_FILE
+        if existing.exists() and runs.read_json(existing)["members"] != record["members"]:
+            raise ConfigError(
+                f"{folder} holds a sweep over other values; choose another --out for this one"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        runs.write_json(existing, record)
+        write_config_file(folder / RESOLVED_CONFIG, self.config.replace(resume=False))
+
+    def _train_group(
+        self, group: list[ResolvedRun], loader: Loader, label: str
+    ) -> list[FinishedRun]:
+        """Train one group together (vmapped when part of a sweep) and finish each member."""
+        resume = self.config.resume
+        if self.config.sweep and resume:
+            group = [run for run in group if not diverged_before(run)]
+            if not group:
+                return []
+        rule = DivergenceRule(self.config.diverge_loss_factor, self.config.diverge_min_ev)
+        with contextlib.ExitStack() as stack:
+            members = []
+            for run in group:
+                config = prepare_run_dir(run.out, run.config, resume)
+                write_config_file(run.out / RESOLVED_CONFIG, run.settings)
+                members.append(self._member(run, config, loader, stack))
+            engine = make_engine(
+                [m.variant for m in members],
+                group[0].config["steps"],
+                group[0].config["compute_dtype"],
+                vmapped=bool(self.config.sweep),
+            )
+            state, start = restore_or_init(members, engine, loader)
+            if len(members) > 1 and (reason := traceable(engine, state, first_batch(loader))):
+                names = ", ".join(differing_hparams([m.variant for m in members]))
+                print(
+                    f"note: {names} cannot vary inside one vmapped step ({reason}); "
+                    "these members train one after the other",
+                    file=sys.stderr,
+                )
+                stack.close()
+                return [r for run in group for r in self._train_group([run], loader, label)]
+            for member in members:
+                member.log.truncate_after(start)
+            state = GroupRun(members, engine, loader, rule, label).run(state, start)
+            return [
+                finish_member(member, engine.member(state, index), loader, rule)
+                for index, member in enumerate(members)
+                if member.failure is None
+            ] + [FinishedRun(m.out, runs.DIVERGED, None, None) for m in members if m.failure]
+
+    def _member(self, run: ResolvedRun, config: dict, loader: Loader, stack) -> Member:
+        stats = loader.cache.layer_stats(config["layer"])
+        zero_loss = zero_reconstruction_loss(
+            stats["mean_sq_norm"] * config["norm_scale"] ** 2, run.variant.hparams["recon"]
+        )
+        name = f"{run.out.parent.name}/{run.out.name}" if self.config.sweep else run.out.name
+        log = stack.enter_context(
+            ExperimentLog(
+                run.out,
+                config,
+                name=name,
+                tensorboard=self.config.tensorboard,
+                wandb_project=self.config.wandb,
+            )
+        )
+        checkpoints = stack.enter_context(Checkpoints(run.out / "checkpoints"))
+        return Member(name, run.out, config, run.variant, log, checkpoints, zero_loss)
+
+
+def announce(resolved: list[ResolvedRun]) -> None:
+    """Print each adapted default and warning once (members of a sweep share most)."""
+    seen: set[str] = set()
+    for run in resolved:
+        for prefix, lines in (("default adapted", "adapted_defaults"), ("warning", "warnings")):
+            for line in run.config[lines]:
+                if line not in seen:
+                    seen.add(line)
+                    print(f"{prefix}: {line}", file=sys.stderr)
+    config = resolved[0].config
+    if config["epochs"] > 1:
+        print(
+            f"{config['tokens']} training tokens from {config['train_tokens_in_cache']} in the "
+            f"cache: {config['epochs']:.2f} epochs",
+            file=sys.stderr,
+        )
+
+
+@contextlib.contextmanager
+def locked(folder: Path):
+    """Hold the run folder's lock (one trainer per folder) while the block runs."""
+    lock = runs.RunLock(folder)
+    stale = lock.acquire()
+    if stale is not None:
+        print(f"took over the lock of pid {stale}, which is no longer running", file=sys.stderr)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def diverged_before(run: ResolvedRun) -> bool:
+    """A sweep member that diverged in an earlier session stays as it is when the sweep resumes
+    (it would diverge again at the same step); the others continue."""
+    status = runs.read_status(run.out)
+    if status is None or status.get("state") != runs.DIVERGED:
+        return False
+    print(f"note: {run.out} diverged before ({status.get('reason')}); not resumed", file=sys.stderr)
+    return True
+
+
+def first_batch(loader: Loader) -> dict:
+    with loader.batches(0, 1) as batches:
+        return next(batches)
+
+
+def restore_or_init(members: list[Member], engine, loader: Loader) -> tuple[TrainState, int]:
+    """The group's state at the latest step every member has a checkpoint of (0: fresh)."""
+    config = members[0].config
+    sample = loader.sample(config["batch_size"])
+    fresh = [initial_state(m.variant, m.config["seed"], config["steps"], sample) for m in members]
+    latest = [m.checkpoints.latest_step() for m in members]
+    start = 0 if None in latest else min(latest)
+    if start:
+        fresh = [
+            m.checkpoints.restore(start, like, runs.accepted_hashes(m.config))[0]
+            for m, like in zip(members, fresh, strict=True)
+        ]
+        for member in members:
+            print(f"resuming {member.out} at step {start} of {config['steps']}", file=sys.stderr)
+    return engine.stack(fresh), start
+
+
+def save_weights(out: Path, variant: Any, params: Any, reg_state: Any) -> dict:
+    """``sae_params.safetensors`` (atomically) and the JSON part of the export info.
+
+    Array-valued export info (BatchTopK's inference threshold) is stored next to the weights
+    and referenced from config.json, so the exporter needs only these two files.
+    """
+    arrays = variant.params_to_arrays(params)
+    json_info = {}
+    for key, value in variant.export_info(params, reg_state).items():
+        if isinstance(value, np.ndarray):
+            arrays.setdefault(key, value.astype(np.float32))
+            json_info[key] = f"{runs.PARAMS}:{key}"
+        else:
+            json_info[key] = value
+    tmp = out / f"{runs.PARAMS}.tmp"
+    save_file(arrays, str(tmp))
+    tmp.replace(out / runs.PARAMS)
+    return json_info
+
+
+def write_final_info(out: Path, config: dict, variant: Any, record: dict, fast_eval) -> dict:
+    """The template's final_info.json, keeping entries other tools merged in (SAEBench)."""
+    hp = variant.hparams
+    info = runs.final_info(
+        config,
+        training_steps=config["steps"],
+        final_loss=record["loss"],
+        learning_rate=hp["lr"],
+        sparsity_penalty=next((hp[k] for k in SPARSITY_KEYS if k in hp), None),
+        extra={"export_info": config["export_info"], runs.FAST_EVAL_KEY: fast_eval},
+    )
+    info_file = out / runs.FINAL_INFO
+    merged = runs.read_json(info_file) if info_file.exists() else {}
+    for layer_key, entry in info.items():
+        merged[layer_key] = merged.get(layer_key, {}) | entry
+    runs.write_json(info_file, merged)
+    return merged
+
+
+def finish_member(
+    member: Member, state: TrainState, loader: Loader, rule: DivergenceRule
+) -> FinishedRun:
+    """Weights, export info, fast evaluation on the held-out tokens, final_info.json, plots,
+    and the final status (diverged when the held-out explained variance says so)."""
+    out, variant = member.out, member.variant
+    params, reg_state = jax.device_get(state["params"]), jax.device_get(state["reg_state"])
+    record = member.record or member.log.read()[-1]  # a finished run resumed: its last interval
+    config = member.config | {"export_info": save_weights(out, variant, params, reg_state)}
+    runs.write_json(out / runs.CONFIG, config)
+    results, fast_eval = None, None
+    if config["heldout_tokens"]:
+        batches = loader.heldout(EVAL_BATCH)
+        results = evaluate(variant, params, batches, state=reg_state, scale=config["norm_scale"])
+        fast_eval = {k: v for k, v in results.items() if k != "feature_density"}
+        fast_eval |= {"batch_size": EVAL_BATCH, "definitions": "jax_sae/evaluate.py docstring"}
+    write_final_info(out, config, variant, record, fast_eval)
+    view = plots.RunView(
+        variant=variant,
+        params=params,
+        state=reg_state,
+        records=member.log.read(),
+        eval=results,
+        heldout=lambda: loader.heldout(EVAL_BATCH),
+        norm_scale=config["norm_scale"],
+        title=f"{member.name}: {variant.name}, layer {config['layer']}, d_sae {variant.d_sae}",
+    )
+    plots.write_plots(view, out / "plots")
+    reason = rule.eval_reason(fast_eval, member.log.read()[0], record)
+    if reason is None and (warning := rule.eval_warning(fast_eval)):
+        print(f"warning: {member.name}: {warning}", file=sys.stderr)
+    if reason is not None:
+        message = (
+            f"the run diverged: {reason}; its weights are kept in {out} but marked diverged, so "
+            "the exporter refuses them without --force; lower the learning rate (--set lr=...)"
+        )
+        mark_diverged(member, message)
+        if not config.get("sweep"):
+            raise TrainingError(message)
+        print(f"warning: sweep member {member.name}: {message}", file=sys.stderr)
+        return FinishedRun(out, runs.DIVERGED, record["loss"], fast_eval)
+    runs.write_status(out, runs.FINISHED, step=config["steps"])
+    return FinishedRun(out, runs.FINISHED, record["loss"], fast_eval)
