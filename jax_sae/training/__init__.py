@@ -1,0 +1,1 @@
+"""Training as a library: typed config, the loop, sweeps, experiment logging."""
