@@ -19,8 +19,9 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import tyro
 import yaml
 
 from jax_sae.divergence import LOSS_BLOWUP_FACTOR, MIN_EXPLAINED_VARIANCE
@@ -46,7 +47,7 @@ class TrainConfig:
     variant: str | None = None
     """SAE variant, e.g. standard, topk, jumprelu, freq (--help-variant NAME lists its
     hyper-parameters); required"""
-    hparams: dict[str, Any] = field(default_factory=dict)
+    hparams: Annotated[dict[str, Any], tyro.conf.Suppress] = field(default_factory=dict)
     """variant hyper-parameters and d_sae (command line: --set KEY=VALUE)"""
     steps: int | None = None
     """training steps (default: --tokens / --batch-size)"""
@@ -80,7 +81,7 @@ class TrainConfig:
     (inf: never)"""
     diverge_min_ev: float = MIN_EXPLAINED_VARIANCE
     """mark the run diverged when held-out explained variance ends below this (-inf: never)"""
-    sweep: list[str] = field(default_factory=list)
+    sweep: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """KEY=V1,V2,...: train the grid of every --sweep in one vmapped step per group of equal
     shapes (keys: hyper-parameters, d_sae, seed)"""
     tensorboard: bool = False

@@ -108,7 +108,9 @@ class MetricsWindow:
         self.sums, self.count, self.since = None, 0, (done, now)
         size = len(means["loss"])
         base = {"step": done, "tokens": done * self.batch_size}
-        return [base | {k: float(v[i]) for k, v in means.items()} for i in range(size)], tokens_per_s
+        return [
+            base | {k: float(v[i]) for k, v in means.items()} for i in range(size)
+        ], tokens_per_s
 
 
 def host_copy(tree: Any) -> Any:
@@ -160,7 +162,11 @@ class GroupRun:
         self._check_finite(window)
         host = host_copy(state)
         for index, member in self.alive:
-            record = {"step": done, "config_hash": member.config["config_hash"], "loader_step": done}
+            record = {
+                "step": done,
+                "config_hash": member.config["config_hash"],
+                "loader_step": done,
+            }
             member.checkpoints.save(done, self.engine.member(host, index), record)
 
     def _log(self, state, batch, step: int, done: int, window: MetricsWindow, shares_due: bool):

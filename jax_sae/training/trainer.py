@@ -116,7 +116,9 @@ class Trainer:
                 if not is_disk_full(error):
                     raise
                 need = sum(runs.space_to_finish(run.config) for run in resolved)
-                raise disk_full_error(cfg.default_out(), need, error, "rerun with --resume") from error
+                raise disk_full_error(
+                    cfg.default_out(), need, error, "rerun with --resume"
+                ) from error
         return finished
 
     def _label(self, group: list[ResolvedRun], number: int, total: int) -> str:
@@ -184,15 +186,17 @@ class Trainer:
             stats["mean_sq_norm"] * config["norm_scale"] ** 2, run.variant.hparams["recon"]
         )
         name = f"{run.out.parent.name}/{run.out.name}" if self.config.sweep else run.out.name
-        log = stack.enter_context(
-            ExperimentLog(
+        try:
+            log = ExperimentLog(
                 run.out,
                 config,
                 name=name,
                 tensorboard=self.config.tensorboard,
                 wandb_project=self.config.wandb,
             )
-        )
+        except ValueError as error:  # a tracker that is not installed
+            raise ConfigError(str(error)) from None
+        stack.enter_context(log)
         checkpoints = stack.enter_context(Checkpoints(run.out / "checkpoints"))
         return Member(name, run.out, config, run.variant, log, checkpoints, zero_loss)
 
