@@ -8,8 +8,9 @@ A research variant adds its own figure with::
     def firing_rates(run: RunView, out_dir: Path) -> None:
         ...  # read run.params / run.state / run.eval / run.heldout(), save out_dir / "x.png"
 
-Every run gets ``training_curves.png`` (loss, reconstruction, L0, dead fraction, explained
-variance against training tokens) and ``firing_rate_hist.png`` (held-out firing rates).
+Every run gets ``training_curves.png`` (against training tokens: loss and reconstruction, each
+loss term's metrics, L0, dead fraction, explained variance, learning rate, gradient norm and each
+term's gradient share) and ``firing_rate_hist.png`` (held-out firing rates).
 ``train.py`` calls ``write_plots`` once at the end of a run; every registered function for the
 run's variant is called with the same ``RunView``.
 """
@@ -26,16 +27,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from jax_sae.losses import freq  # noqa: E402
-
-CURVES = {
-    "loss": ("total loss", "log"),
-    "recon": ("reconstruction", "log"),
-    "l0": ("L0", "linear"),
-    "dead_frac": ("dead fraction", "linear"),
-    "explained_variance": ("expl. variance", "linear"),
-}
 
 
 @dataclass(frozen=True)
@@ -67,39 +61,132 @@ def register_plot(*variants: str) -> Callable[[PlotFn], PlotFn]:
     return register
 
 
+CORE_KEYS = frozenset(
+    {"step", "tokens", "loss", "recon", "l0", "dead_frac", "explained_variance", "grad_norm", "lr"}
+)
+"""Keys every metrics.jsonl record may hold; any other number (bar ``grad_share/``) is a term's."""
 GRAD_SHARE_PREFIX = "grad_share/"
+MARKER_LIMIT = 400
+"""Above this many logged points markers merge into a band; the line still joins every point."""
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One panel of ``training_curves.png``: named (tokens, values) lines on a decided y scale."""
+
+    title: str
+    ylabel: str
+    yscale: str  # "log" or "linear"
+    series: dict[str, tuple[np.ndarray, np.ndarray]]
+    legend: bool  # the line names say something the title does not (several lines, or term names)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def metric_series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, values) of one logged metric, finite values only (metrics.jsonl stores a
+    non-finite value as null)."""
+    points = [
+        (r["tokens"], r[key]) for r in records if is_number(r.get(key)) and np.isfinite(r[key])
+    ]
+    return tuple(np.array(points, np.float64).T) if points else (np.zeros(0), np.zeros(0))
+
+
+def term_keys(records: list[dict]) -> list[str]:
+    """The numbers the variant's loss terms add to the records (e.g. ``l1``, ``aux``)."""
+    return sorted(
+        {
+            key
+            for r in records
+            for key, value in r.items()
+            if is_number(value) and key not in CORE_KEYS and not key.startswith(GRAD_SHARE_PREFIX)
+        }
+    )
+
+
+def y_scale(series: dict[str, tuple[np.ndarray, np.ndarray]], rule: str) -> str:
+    """``rule`` "log": log if every value is positive; "auto": log if they also span more than a
+    decade (L0 from thousands at init to tens); "linear": linear."""
+    values = np.concatenate([values for _, values in series.values()])
+    if rule == "linear" or not (values > 0).all():
+        return "linear"
+    return "log" if rule == "log" or values.max() > 10 * values.min() else "linear"
+
+
+def curve_panels(records: list[dict]) -> list[Panel]:
+    """The panels ``training_curves`` draws, in order; a panel without logged values is left out."""
+    terms = {key: key for key in term_keys(records)}
+    shares = sorted({k for r in records for k in r if k.startswith(GRAD_SHARE_PREFIX)})
+    named = {"per-term metrics", "gradient share per term"}  # lines named after loss terms
+    specs = [  # title, y label, y scale rule, {line label: record key}
+        ("loss", "loss per token", "log", {"total": "loss", "reconstruction": "recon"}),
+        ("per-term metrics", "value before its coefficient", "log", terms),
+        ("L0", "active latents per token", "auto", {"L0": "l0"}),
+        ("dead fraction", "fraction of latents", "linear", {"dead": "dead_frac"}),
+        (
+            "explained variance (training batches)",
+            "fraction of variance",
+            "linear",
+            {"explained variance": "explained_variance"},
+        ),
+        ("learning rate schedule", "learning rate", "linear", {"lr": "lr"}),
+        ("gradient norm (before clipping)", "L2 norm", "log", {"gradient norm": "grad_norm"}),
+        (
+            "gradient share per term",
+            "|grad of term| / |grad of rest|",
+            "log",
+            {k.removeprefix(GRAD_SHARE_PREFIX): k for k in shares},
+        ),
+    ]
+    panels = []
+    for title, ylabel, rule, keys in specs:
+        series = {label: metric_series(records, key) for label, key in keys.items()}
+        series = {label: points for label, points in series.items() if len(points[0])}
+        if series:
+            legend = len(series) > 1 or title in named
+            panels.append(Panel(title, ylabel, y_scale(series, rule), series, legend))
+    return panels
+
+
+def draw_panel(ax: plt.Axes, panel: Panel) -> None:
+    """One line per series through every logged point, each point marked while they stay apart."""
+    for label, (tokens, values) in panel.series.items():
+        marker = "." if len(tokens) <= MARKER_LIMIT else None
+        ax.plot(tokens, values, marker=marker, markersize=3, linewidth=1, label=label)
+    ax.set(title=panel.title, ylabel=panel.ylabel, yscale=panel.yscale)
+    ax.title.set_fontsize(10)
+    if panel.yscale == "linear":
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.grid(alpha=0.3)
+    if panel.legend:
+        ax.legend(fontsize=7, ncol=1 + len(panel.series) // 5)
 
 
 def training_curves(records: list[dict], out_dir: Path, title: str = "") -> Path | None:
-    """``training_curves.png``: one panel per logged metric of ``CURVES`` against tokens, every
-    logged point marked, plus one panel with each regulariser's gradient share
-    (``jax_sae.diagnostics``) on a log scale, so an inert term is visible at a glance."""
-    panels = []
-    for key, (label, scale) in CURVES.items():
-        series = metric_series(records, key)
-        if len(series[0]):
-            panels.append((label, scale, {key: series}))
-    shares = sorted({k for r in records for k in r if k.startswith(GRAD_SHARE_PREFIX)})
-    share_series = {k.removeprefix(GRAD_SHARE_PREFIX): metric_series(records, k) for k in shares}
-    share_series = {k: v for k, v in share_series.items() if len(v[0])}
-    if share_series:
-        panels.append(("gradient share", "log", share_series))
+    """``training_curves.png``: the panels of ``curve_panels`` against training tokens, two
+    columns; the gradient shares (``jax_sae.diagnostics``) on a log scale show an inert term at a
+    glance. Returns None when no metric was logged."""
+    panels = curve_panels(records)
     if not panels:
         return None
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True)
-    for ax, (label, scale, series) in zip(np.atleast_1d(axes), panels, strict=True):
-        positive = all((values > 0).all() for _, values in series.values())
-        for name, (tokens, values) in series.items():
-            ax.plot(tokens, values, marker=".", label=name)
-        ax.set(ylabel=label, yscale="log" if scale == "log" and positive else "linear")
-        if label == "gradient share":
-            ax.legend(fontsize=7, loc="best")
-        ax.grid(alpha=0.3)
-    np.atleast_1d(axes)[-1].set_xlabel("training tokens")
-    fig.suptitle(title)
-    fig.tight_layout()
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(5.5 * cols, 2.8 * rows), squeeze=False, layout="constrained"
+    )
+    for i, ax in enumerate(axes.flat):
+        if i >= len(panels):
+            ax.set_visible(False)
+            continue
+        draw_panel(ax, panels[i])
+        if i + cols >= len(panels):  # lowest panel of its column
+            ax.set_xlabel("training tokens")
+    fig.suptitle(title or "training curves")
     path = out_dir / "training_curves.png"
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
 
@@ -136,12 +223,6 @@ def write_plots(run: RunView, out_dir: Path) -> list[Path]:
 
 
 # --- research variants ---------------------------------------------------------------------------
-
-
-def metric_series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, values) of one logged metric, finite values only."""
-    points = [(r["tokens"], r[key]) for r in records if key in r and np.isfinite(r[key])]
-    return tuple(np.array(points).T) if points else (np.zeros(0), np.zeros(0))
 
 
 @register_plot("freq")
