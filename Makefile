@@ -96,8 +96,8 @@ synth-eval: setup setup-eval
 	$(PY_EVAL) -m synth.evaluate $(RUN) $(EVAL_FLAGS)
 
 compare: setup
-	@test -n "$(RUNS)" || { echo "error: set RUNS=\"runs/a runs/b\" (runs of one cache)" >&2; exit 2; }
-	$(PY) -m jax_sae.compare $(RUNS) --out $(or $(OUT),runs/compare)
+	@test -n "$(RUNS)" || { echo "error: set RUNS=\"runs/a runs/b\" (runs of one cache; COMPARE_FLAGS=--allow-mismatch flags, not refuses, runs that differ in tokens, normalize, layer or eval_tokens)" >&2; exit 2; }
+	$(PY) -m jax_sae.compare $(RUNS) --out $(or $(OUT),runs/compare) $(COMPARE_FLAGS)
 
 # The whole pipeline offline on the embedded tiny model: extract -> train -> export -> SAEBench core.
 demo: tiny-model setup-eval
