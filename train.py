@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import re
 import sys
 import textwrap
 from dataclasses import dataclass, field
@@ -48,17 +47,19 @@ def description() -> str:
     )
 
 
-BOX = re.compile(r"[╭╮╰╯│─]+")
+FRAME = set("╭╮╰╯│─-+| ")
 
 
 def one_line(text: str) -> str:
-    """tyro's framed error message as one line: the first paragraph inside the frame."""
-    lines = [BOX.sub(" ", line).strip() for line in text.splitlines()]
-    lines = [line for line in lines if line and not line.lower().endswith("error")]
-    paragraph = []
-    for line in lines:
-        if paragraph and (not line or line.startswith("Argument helptext")):
-            break
+    """tyro's framed error message as one line: the first paragraph inside the frame (the
+    frame is drawn with box characters on a terminal, with dashes otherwise)."""
+    paragraph: list[str] = []
+    for line in text.splitlines()[1:]:  # the first line is the frame's title
+        line = line.strip().strip("│|").strip()
+        if not line or set(line) <= FRAME:
+            if paragraph:
+                break
+            continue
         paragraph.append(line)
     return " ".join(paragraph) or "invalid arguments"
 

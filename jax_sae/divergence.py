@@ -67,7 +67,8 @@ class DivergenceRule:
         if value is None or improved or last["step"] <= first["step"]:  # one record: no trend
             return None
         return (
-            f"held-out explained variance {value:.4g} is below {self.min_explained_variance:g} "
+            f"held-out explained variance (pooled, 1 - FVU) {value:.4g} is below "
+            f"{self.min_explained_variance:g} "
             f"(worse than predicting the mean) and the reconstruction loss never fell below its "
             f"early value {reconstruction_loss(first):.4g}"
         )
@@ -78,7 +79,8 @@ class DivergenceRule:
         if value is None:
             return None
         return (
-            f"held-out explained variance {value:.4g} is below {self.min_explained_variance:g}: "
+            f"held-out explained variance (pooled, 1 - FVU) {value:.4g} is below "
+            f"{self.min_explained_variance:g}: "
             "the SAE reconstructs worse than the mean; train longer (--resume --steps N)"
         )
 

@@ -133,7 +133,7 @@ def test_divergence_rule_thresholds():
     assert rule.eval_reason(below, first, falling) is None  # short but healthy
     assert rule.eval_warning(below) is not None
     assert rule.eval_reason(below, first, first) is None  # one record shows no trend
-    assert "explained variance -0.2" in rule.eval_reason(below, first, rising)
+    assert "(pooled, 1 - FVU) -0.2" in rule.eval_reason(below, first, rising)
 
 
 def test_divergence_at_the_end_marks_the_run_and_keeps_its_weights(
@@ -384,8 +384,8 @@ def test_folder_with_only_a_config_is_not_a_run(cache, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
-        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--steps", "abc"], "Error parsing --steps"),
+        (["--no-such-flag"], "Unrecognized options: --no-such-flag"),
     ],
 )
 def test_case12_usage_errors_are_one_line(cache, tmp_path, capsys, argv, message):

@@ -15,6 +15,9 @@ from safetensors.numpy import load_file
 import train
 from jax_sae.data import ActivationCache, CacheWriter
 from jax_sae.loader import Loader
+from jax_sae.training import TrainConfig
+from jax_sae.training.config import parse_overrides
+from jax_sae.training.resolve import make_loader, open_cache, resolve_run
 from tests.helpers import poke_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,7 +271,7 @@ def test_corrupted_cache_is_refused(cache, tmp_path, capsys):
 
 
 def test_set_values_are_json_when_possible():
-    assert train.parse_overrides(["k=8", "lr=1e-3", "recon=l2norm", "on=true", "x=null"]) == {
+    assert parse_overrides(["k=8", "lr=1e-3", "recon=l2norm", "on=true", "x=null"]) == {
         "k": 8,
         "lr": 1e-3,
         "recon": "l2norm",
@@ -277,14 +280,16 @@ def test_set_values_are_json_when_possible():
     }
 
 
-def test_dense_flag_selects_the_dense_reference_path(cache, tmp_path):
-    out = tmp_path / "dense"
-    sets = ("d_sae=64", "k=4")
-    config, variant, _ = train.build_config(
-        train.parse_args(args(cache, out, "--dense", variant="topk", sets=sets))
+def test_dense_hparam_selects_the_dense_reference_path(cache, tmp_path):
+    base = TrainConfig(
+        cache=str(cache),
+        layer=LAYER,
+        variant="topk",
+        hparams={"d_sae": 64, "k": 4},
+        batch_size=32,
+        eval_tokens=160,
     )
-    assert variant.hparams["dense"] is True and config["hparams"]["dense"] is True
-    config, variant, _ = train.build_config(
-        train.parse_args(args(cache, out, variant="topk", sets=sets))
-    )
-    assert variant.hparams["dense"] is False
+    loader = make_loader(base, open_cache(base))
+    dense = resolve_run(base.replace(hparams={**base.hparams, "dense": True}), loader, tmp_path)
+    assert dense.variant.hparams["dense"] is True and dense.config["hparams"]["dense"] is True
+    assert resolve_run(base, loader, tmp_path).variant.hparams["dense"] is False
