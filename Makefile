@@ -17,6 +17,7 @@ LAYER   ?= $(firstword $(LAYERS))
 CACHE   ?=
 STEPS   ?=
 SET     ?=
+SWEEP   ?=
 TRAIN_FLAGS ?=
 # export and evaluation (SPEC 5)
 RUN     ?=
@@ -39,8 +40,9 @@ TINY      := models/tiny-gemma2
 
 DEMO_CACHE := activations_cache/tiny-gemma2__stdlib_docstrings__L1_2
 DEMO_RUNS  := runs/demo_standard runs/demo_topk runs/demo_freq runs/demo_temporal
+DEMO_SWEEP := runs/demo_sweep
 # ~5 epochs of the 200k-token demo cache; normalised inputs so one learning rate suits all variants
-DEMO_TRAIN := --cache $(DEMO_CACHE) --layer 2 --normalize --tokens 1000000 --dead-tokens 100000 \
+DEMO_TRAIN := --cache $(DEMO_CACHE) --layer 2 --normalize --tokens 1000000 --set dead_tokens=100000 \
 	--set d_sae=512 --set lr=0.003 --set warmup_steps=20 --resume
 
 .PHONY: setup setup-eval test lint extract tiny-model train export-eval compare demo bench \
@@ -78,7 +80,8 @@ extract: setup
 train: setup
 	@test -n "$(CACHE)" || { echo "error: set CACHE=activations_cache/<run> (made by make extract)" >&2; exit 2; }
 	$(PY) train.py --cache $(CACHE) --layer $(LAYER) --variant $(VARIANT) \
-		$(if $(STEPS),--steps $(STEPS)) $(foreach kv,$(SET),--set $(kv)) $(if $(OUT),--out $(OUT)) $(TRAIN_FLAGS) --resume
+		$(if $(STEPS),--steps $(STEPS)) $(foreach kv,$(SET),--set $(kv)) $(foreach kv,$(SWEEP),--sweep $(kv)) \
+		$(if $(OUT),--out $(OUT)) $(TRAIN_FLAGS) --resume
 
 export-eval: setup setup-eval
 	@test -n "$(RUN)" || { echo "error: set RUN=runs/<name> (a finished training run)" >&2; exit 2; }
@@ -107,10 +110,13 @@ demo: tiny-model setup-eval
 	$(PY) train.py $(DEMO_TRAIN) --variant topk --out runs/demo_topk --set k=16
 	$(PY) train.py $(DEMO_TRAIN) --variant freq --out runs/demo_freq
 	$(PY) train.py $(DEMO_TRAIN) --variant temporal --out runs/demo_temporal
+	$(PY) train.py $(DEMO_TRAIN) --variant standard --out $(DEMO_SWEEP) \
+		--sweep lambda=0.005,0.01,0.02,0.08,0.16
 	$(PY) export_to_torch.py runs/demo_topk --replace
 	$(PY_EVAL) -m saebench_eval.run runs/demo_topk --evals core --offline-model $(TINY) \
 		--core-reconstruction-batches 10 --core-sparsity-variance-batches 20
-	$(PY) -m jax_sae.compare $(DEMO_RUNS) --out runs/demo_compare
+	cat $(DEMO_SWEEP)/sweep.md
+	$(PY) -m jax_sae.compare $(DEMO_RUNS) $(DEMO_SWEEP)/*/ --out runs/demo_compare
 	cat runs/demo_compare/comparison.md
 
 # each research variant against its baseline on the world built for it -> benchmarks/SYNTH.md

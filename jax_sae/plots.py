@@ -61,11 +61,8 @@ def register_plot(*variants: str) -> Callable[[PlotFn], PlotFn]:
     return register
 
 
-CORE_KEYS = frozenset(
-    {"step", "tokens", "loss", "recon", "l0", "dead_frac", "explained_variance", "grad_norm", "lr"}
-)
-"""Keys every metrics.jsonl record may hold; any other number (bar ``grad_share/``) is a term's."""
 GRAD_SHARE_PREFIX = "grad_share/"
+TERM_LOSS_PREFIX = "loss/"
 MARKER_LIMIT = 400
 """Above this many logged points markers merge into a band; the line still joins every point."""
 
@@ -95,14 +92,10 @@ def metric_series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray
 
 
 def term_keys(records: list[dict]) -> list[str]:
-    """The numbers the variant's loss terms add to the records (e.g. ``l1``, ``aux``)."""
+    """The keys of what each loss term adds to the loss (``loss/l1``, ``loss/aux``; logged by
+    ``Variant.loss``); a term's other diagnostics stay in metrics.jsonl, off this panel."""
     return sorted(
-        {
-            key
-            for r in records
-            for key, value in r.items()
-            if is_number(value) and key not in CORE_KEYS and not key.startswith(GRAD_SHARE_PREFIX)
-        }
+        {key for r in records for key, value in r.items() if key.startswith(TERM_LOSS_PREFIX)}
     )
 
 
@@ -117,12 +110,12 @@ def y_scale(series: dict[str, tuple[np.ndarray, np.ndarray]], rule: str) -> str:
 
 def curve_panels(records: list[dict]) -> list[Panel]:
     """The panels ``training_curves`` draws, in order; a panel without logged values is left out."""
-    terms = {key: key for key in term_keys(records)}
+    terms = {key.removeprefix(TERM_LOSS_PREFIX): key for key in term_keys(records)}
     shares = sorted({k for r in records for k in r if k.startswith(GRAD_SHARE_PREFIX)})
-    named = {"per-term metrics", "gradient share per term"}  # lines named after loss terms
+    named = {"per-term losses", "gradient share per term"}  # lines named after loss terms
     specs = [  # title, y label, y scale rule, {line label: record key}
         ("loss", "loss per token", "log", {"total": "loss", "reconstruction": "recon"}),
-        ("per-term metrics", "value before its coefficient", "log", terms),
+        ("per-term losses", "added to the loss (with its coefficient)", "log", terms),
         ("L0", "active latents per token", "auto", {"L0": "l0"}),
         ("dead fraction", "fraction of latents", "linear", {"dead": "dead_frac"}),
         (

@@ -481,7 +481,8 @@ class Variant:
         """Total loss and (new state, metrics); pure and jit-able. Differentiate w.r.t. params.
 
         Metrics (float32 scalars): `loss`, `recon`, `l0` (mean active latents per token),
-        `dead_frac`, `explained_variance`, plus each term's own (e.g. `l1`, `aux`).
+        `dead_frac`, `explained_variance`, plus each term's own (e.g. `l1`, `aux`) and, for
+        every term with a loss, `loss/<NAME>`: what it adds to the loss, coefficient included.
         `skip_terms`: `LossTerm.NAME`s left out (their state entries unchanged), for the
         gradient-share diagnostics (`jax_sae.diagnostics`).
         """
@@ -520,5 +521,7 @@ class Variant:
             total = total + out.loss
             new_state.update(out.state)
             metrics.update(out.metrics)
+            if term.ACTS_ON:  # what the term adds to the loss, coefficient included
+                metrics[f"loss/{term.NAME}"] = jax.lax.stop_gradient(out.loss)
         metrics["loss"] = total
         return total, (new_state, metrics)

@@ -24,8 +24,9 @@ def records(n: int = 20, l0_start: float = 2000.0) -> list[dict]:
                 "explained_variance": 1 - 1 / (i + 1),
                 "grad_norm": 5.0 / i,
                 "lr": 3e-4 * min(1.0, i / 5),
-                "l1": 40.0 / i,
-                "aux": 0.2 + 0.01 * i,
+                "loss/l1": 40.0 / i,
+                "loss/aux": 0.2 + 0.01 * i,
+                "rate_bin_3": 0.5,  # a term diagnostic: not a loss, not on the term panel
                 "grad_share/l1": 0.3,
                 "grad_share/aux": 0.01,
             }
@@ -37,7 +38,7 @@ def test_every_logged_metric_gets_its_panel(tmp_path):
     panels = curve_panels(records())
     assert [p.title for p in panels] == [
         "loss",
-        "per-term metrics",
+        "per-term losses",
         "L0",
         "dead fraction",
         "explained variance (training batches)",
@@ -47,11 +48,11 @@ def test_every_logged_metric_gets_its_panel(tmp_path):
     ]
     by_title = {p.title: p for p in panels}
     assert list(by_title["loss"].series) == ["total", "reconstruction"]
-    assert list(by_title["per-term metrics"].series) == ["aux", "l1"]
+    assert list(by_title["per-term losses"].series) == ["aux", "l1"]
     assert list(by_title["gradient share per term"].series) == ["aux", "l1"]
     scales = {p.title: p.yscale for p in panels}
     assert scales["loss"] == scales["gradient norm (before clipping)"] == "log"
-    assert scales["per-term metrics"] == scales["gradient share per term"] == "log"
+    assert scales["per-term losses"] == scales["gradient share per term"] == "log"
     assert scales["learning rate schedule"] == scales["dead fraction"] == "linear"
     tokens, lr = by_title["learning rate schedule"].series["lr"]
     assert len(tokens) == 20 and lr[-1] == pytest.approx(3e-4)
@@ -72,8 +73,8 @@ def test_log_scales_only_where_the_values_allow():
     by_title = {p.title: p for p in curve_panels(records(l0_start=20.0))}
     assert by_title["L0"].yscale == "linear"  # 50 down to 31
     with_zero = records()
-    with_zero[0]["aux"] = 0.0
-    assert {p.title: p for p in curve_panels(with_zero)}["per-term metrics"].yscale == "linear"
+    with_zero[0]["loss/aux"] = 0.0
+    assert {p.title: p for p in curve_panels(with_zero)}["per-term losses"].yscale == "linear"
 
 
 def test_null_and_non_finite_values_are_skipped():
@@ -97,5 +98,5 @@ def test_the_line_joins_every_point_and_markers_go_when_crowded(n, marker):
 def test_term_lines_are_named_even_alone():
     one_term = [{k: v for k, v in r.items() if "aux" not in k} for r in records()]
     legends = {p.title: p.legend for p in curve_panels(one_term)}
-    assert legends["per-term metrics"] and legends["gradient share per term"] and legends["loss"]
+    assert legends["per-term losses"] and legends["gradient share per term"] and legends["loss"]
     assert not legends["L0"] and not legends["learning rate schedule"]
