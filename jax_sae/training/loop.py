@@ -51,6 +51,7 @@ class Member:
     zero_loss: float
     failure: str | None = None
     record: dict | None = None  # last logged interval
+    shares: dict[str, float] | None = None  # last gradient shares, for the progress bar
 
     def learning_rate(self, step: int) -> float:
         hp = self.variant.hparams
@@ -176,7 +177,9 @@ class GroupRun:
         shares = jax.device_get(shares)
         for index, member in self.alive:
             record = records[index] | {"lr": member.learning_rate(step)}
-            record |= {key: float(np.atleast_1d(v)[index]) for key, v in shares.items()}
+            if shares:
+                member.shares = {k: float(np.atleast_1d(v)[index]) for k, v in shares.items()}
+                record |= member.shares
             member.log.append(record)
             member.record = record
             reason = self.rule.loss_reason(record, member.zero_loss)
@@ -228,19 +231,24 @@ def remedy_for(config: dict) -> str:
     )
 
 
+def span(values: list[float], fmt: str) -> str:
+    """One value, or the range of a sweep's values."""
+    low, high = min(values), max(values)
+    return format(low, fmt) if low == high else f"{low:{fmt}}..{high:{fmt}}"
+
+
 def progress_fields(alive: list[tuple[int, Member]], tokens_per_s: float) -> dict[str, str]:
     """The progress bar's postfix: one member's numbers, or each number's range over members."""
     records = [m.record for _, m in alive if m.record is not None]
     if not records:
         return {}
-
-    def show(key: str, fmt: str) -> str:
-        values = [r[key] for r in records if key in r]
-        low, high = min(values), max(values)
-        return format(low, fmt) if low == high else f"{low:{fmt}}..{high:{fmt}}"
-
-    fields = {"loss": show("loss", ".4g"), "L0": show("l0", ".1f")}
-    fields |= {"dead": show("dead_frac", ".3f"), "tok_s": f"{tokens_per_s:.3g}"}
-    shares = sorted({k for r in records for k in r if k.startswith("grad_share/")})
-    fields |= {key.split("/")[1]: show(key, ".1%") for key in shares}
+    fields = {
+        "loss": span([r["loss"] for r in records], ".4g"),
+        "L0": span([r["l0"] for r in records], ".1f"),
+        "dead": span([r["dead_frac"] for r in records], ".3f"),
+        "tok_s": f"{tokens_per_s:.3g}",
+    }
+    shares = [m.shares for _, m in alive if m.shares]
+    for key in sorted(shares[0]) if shares else []:
+        fields[key.removeprefix("grad_share/")] = span([s[key] for s in shares], ".1%")
     return fields
