@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
-import textwrap
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -38,12 +37,10 @@ class Command:
 
 
 def description() -> str:
-    variants = "; ".join(f"{name} ({spec.description})" for name, spec in VARIANTS.items())
+    variants = "\n".join(f"  {name:<11} {spec.description}" for name, spec in VARIANTS.items())
     return (
-        __doc__.split("\n\n")[0]
-        + "\n\nVariants: "
-        + textwrap.fill(variants, 96)
-        + "\nTheir hyper-parameters: --help-variant NAME; formulas and defaults: docs/variants.md."
+        f"{__doc__.splitlines()[0]}\n\nvariants (hyper-parameters: --help-variant NAME; formulas "
+        f"and defaults: docs/variants.md; the library: docs/training.md):\n{variants}"
     )
 
 

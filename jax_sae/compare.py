@@ -380,12 +380,15 @@ def _variant_styles(rows: list[dict]) -> dict[Any, tuple[str, str]]:
 
 def _plain_log_ticks(axis: Any, values: list[float]) -> None:
     """Log-axis ticks as plain numbers (20, 0.3; not 2x10^1, 3e-01): 1-2-5 per decade, every
-    digit when the values span less than a decade."""
+    digit when the values span less than a decade, evenly spaced when less than a factor 2."""
     from matplotlib import ticker
 
-    within_decade = max(values) < 10 * min(values)
-    subs = tuple(range(1, 10)) if within_decade else (1.0, 2.0, 5.0)
-    axis.set_major_locator(ticker.LogLocator(subs=subs))
+    low, high = min(values), max(values)
+    if high < 2 * low:  # too narrow for any log ticks: a few evenly spaced ones
+        axis.set_major_locator(ticker.MaxNLocator(4))
+    else:
+        subs = tuple(range(1, 10)) if high < 10 * low else (1.0, 2.0, 5.0)
+        axis.set_major_locator(ticker.LogLocator(subs=subs))
     axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     axis.set_minor_formatter(ticker.NullFormatter())
 
