@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_sae import parallel
+
 
 def _order_key(x: jax.Array) -> jax.Array:
     """Map float32 to uint32 such that unsigned integer order is float order (-inf < ... < inf)."""
@@ -48,7 +50,7 @@ def topk(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     XLA:CPU lowers that slice into a far slower top-k (measured 66x at [2048, 12288], k 32;
     `benchmarks/bench_topk.py`). `lax.approx_max_k` measured the same as `lax.top_k` on CPU.
     """
-    return lax.top_k(lax.stop_gradient(x), k)
+    return parallel.top_k(lax.stop_gradient(x), k)
 
 
 def topk_relu(pre: jax.Array, k: int) -> jax.Array:

@@ -1,0 +1,170 @@
+"""The multi-device runs of tests/test_mesh.py, in a process of its own: XLA must be told to
+split the CPU into 4 devices before JAX is imported.
+
+    python tests/mesh_runs.py OUT_DIR
+
+writes OUT_DIR/arrays.npz (final states per variant and mesh, the sweep, top-k results, a
+checkpoint restored on another mesh) and OUT_DIR/facts.json (output layouts, HLO facts).
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_sae import parallel
+from jax_sae.checkpoint import Checkpoints
+from jax_sae.optim import make_optimizer
+from jax_sae.train_step import make_train_step
+from jax_sae.variants import make_variant
+
+D_IN, D_SAE, BATCH, STEPS = 32, 128, 64, 20
+VARIANTS = {
+    "topk": {"k": 8},
+    "standard": {},
+    "hier_ortho": {"k": 8, "counts": "ema"},  # with its [F, F] co-firing state
+    "temporal": {},
+}
+MESHES = {"4x1": (4, 1), "2x2": (2, 2), "1x4": (1, 4)}
+
+
+def batches(keys: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(STEPS):
+        batch = {"x": rng.normal(size=(BATCH, D_IN)).astype(np.float32)}
+        if "x_prev" in keys:
+            batch["x_prev"] = rng.normal(size=(BATCH, D_IN)).astype(np.float32)
+            batch["seq_start"] = rng.random(BATCH) < 0.1
+        out.append(batch)
+    return out
+
+
+def initial(variant, opt, seed: int, sample: np.ndarray):
+    params = variant.init_params(jax.random.key(seed), sample)
+    return params, opt.init(params), variant.init_state()
+
+
+def mesh_of(name: str):
+    data, model = MESHES[name]
+    return parallel.make_mesh({"data": data, "model": model})
+
+
+def train(step_fn, state, data):
+    for i, batch in enumerate(data):
+        *state, _ = step_fn(*state, batch, jnp.int32(i))
+    return tuple(state)
+
+
+def flat(prefix: str, tree) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {f"{prefix}/{jax.tree_util.keystr(path)}": np.asarray(leaf) for path, leaf in leaves}
+
+
+def layouts_kept(state, shardings) -> bool:
+    pairs = zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True)
+    return all(leaf.sharding.is_equivalent_to(s, leaf.ndim) for leaf, s in pairs)
+
+
+def meshes_vs_one_device(arrays: dict, facts: dict) -> None:
+    for name, hparams in VARIANTS.items():
+        variant = make_variant(name, D_IN, D_SAE, **hparams)
+        opt = make_optimizer(lr=1e-3, warmup_steps=2)
+        data = batches(variant.batch_keys)
+        step_fn = make_train_step(variant, opt)
+        arrays |= flat(f"{name}/1", train(step_fn, initial(variant, opt, 0, data[0]["x"]), data))
+        for mesh_name in MESHES:
+            mesh = mesh_of(mesh_name)
+            state = initial(variant, opt, 0, data[0]["x"])
+            shardings = parallel.state_shardings(mesh, state, D_SAE)
+            state = jax.device_put(state, shardings)
+            state = train(parallel.shard_train_step(step_fn, mesh, shardings, BATCH), state, data)
+            arrays |= flat(f"{name}/{mesh_name}", state)
+            facts[f"layouts_kept/{name}/{mesh_name}"] = layouts_kept(state, shardings)
+
+
+def sweep(arrays: dict) -> None:
+    """Two members (different seeds) vmapped over a shared batch, unsharded and on 2 x 2."""
+    variant = make_variant("topk", D_IN, D_SAE, k=8)
+    opt = make_optimizer(lr=1e-3, warmup_steps=2)
+    data = batches(variant.batch_keys)
+    members = [initial(variant, opt, seed, data[0]["x"]) for seed in (0, 1)]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *members)
+    step_fn = jax.vmap(make_train_step(variant, opt), in_axes=(0, 0, 0, None, None))
+    arrays |= flat("sweep/1", train(jax.jit(step_fn), stacked, data))
+    mesh = mesh_of("2x2")
+    shardings = parallel.state_shardings(mesh, stacked, D_SAE, member_axis=True)
+    sharded_step = parallel.shard_train_step(step_fn, mesh, shardings, BATCH)
+    arrays |= flat("sweep/2x2", train(sharded_step, jax.device_put(stacked, shardings), data))
+
+
+def top_k(arrays: dict) -> None:
+    """`sharded_top_k` on rounded values (many ties) against `lax.top_k`."""
+    x = np.round(np.random.default_rng(2).normal(size=(16, 64)), 1).astype(np.float32)
+    results = {"lax": lax.top_k(jnp.asarray(x), 5)}
+    for mesh_name in ("2x2", "1x4"):
+        results[mesh_name] = parallel.sharded_top_k(jnp.asarray(x), 5, mesh_of(mesh_name))
+    for name, (values, indices) in results.items():
+        arrays[f"top_k/{name}/values"] = np.asarray(values)
+        arrays[f"top_k/{name}/indices"] = np.asarray(indices)
+
+
+def gathers_all_codes(facts: dict) -> None:
+    """Whether the compiled topk step on 2 x 2 all-gathers a whole [B, F] array."""
+    variant = make_variant("topk", D_IN, D_SAE, k=8)
+    opt = make_optimizer(lr=1e-3, warmup_steps=2)
+    mesh = mesh_of("2x2")
+    state = initial(variant, opt, 0, None)
+    shardings = parallel.state_shardings(mesh, state, D_SAE)
+    step_fn = parallel.shard_train_step(make_train_step(variant, opt), mesh, shardings, BATCH)
+    batch = {"x": np.zeros((BATCH, D_IN), np.float32)}
+    hlo = step_fn.lower(*state, batch, jnp.int32(0)).compile().as_text()
+    full = f"f32[{BATCH},{D_SAE}]"
+    facts["all_gathers"] = [line for line in hlo.splitlines() if " all-gather(" in line]
+    facts["gathers_all_codes"] = any(full in line for line in facts["all_gathers"])
+
+
+def checkpoint_across_meshes(arrays: dict, facts: dict, directory: Path) -> None:
+    """Save the state of a 2 x 2 run, restore it onto 1 x 4 into an abstract sharded target."""
+    variant = make_variant("hier_ortho", D_IN, D_SAE, **VARIANTS["hier_ortho"])
+    opt = make_optimizer(lr=1e-3, warmup_steps=2)
+    state = initial(variant, opt, 0, None)
+    saved = jax.device_put(state, parallel.state_shardings(mesh_of("2x2"), state, D_SAE))
+    target_shardings = parallel.state_shardings(mesh_of("1x4"), state, D_SAE)
+    target = jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+        state,
+        target_shardings,
+    )
+    with Checkpoints(directory) as checkpoints:
+        checkpoints.save(1, saved, {"config_hash": "mesh"})
+    with Checkpoints(directory) as checkpoints:
+        restored, _ = checkpoints.restore(1, target, "mesh")
+    arrays |= flat("restore/saved", state) | flat("restore/1x4", restored)
+    facts["restore_layouts"] = layouts_kept(restored, target_shardings)
+
+
+def main(out: Path) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    facts: dict = {"devices": jax.device_count()}
+    meshes_vs_one_device(arrays, facts)
+    sweep(arrays)
+    top_k(arrays)
+    gathers_all_codes(facts)
+    checkpoint_across_meshes(arrays, facts, out / "checkpoints")
+    np.savez(out / "arrays.npz", **arrays)
+    (out / "facts.json").write_text(json.dumps(facts))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,176 @@
+"""The device mesh (`jax_sae.parallel`): parsing, the layout rule, the collective-bytes formula,
+and, on 4 CPU devices in a subprocess (tests/mesh_runs.py), sharded training against 1 device."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, AxisType
+from jax.sharding import PartitionSpec as P
+
+from jax_sae import parallel
+from jax_sae.optim import make_optimizer
+from jax_sae.variants import make_variant
+
+ROOT = Path(__file__).resolve().parents[1]
+MESH_RUNS = ["topk", "standard", "hier_ortho", "temporal"]
+
+
+def abstract_mesh(data: int, model: int) -> AbstractMesh:
+    """A mesh of the given shape without devices: enough for layouts and checks."""
+    return AbstractMesh((data, model), parallel.AXES, axis_types=(AxisType.Auto,) * 2)
+
+
+# ------------------------------------------------------------------------------ parse_mesh
+
+
+def test_parse_mesh_fills_missing_axes():
+    assert parallel.parse_mesh("data=2,model=2", 4) == {"data": 2, "model": 2}
+    assert parallel.parse_mesh(" model = 4 ", 4) == {"data": 1, "model": 4}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("data2", "bad --mesh item"),
+        ("data=two", "bad --mesh item"),
+        ("data=0,model=4", "must be >= 1"),
+        ("pipe=4", "unknown mesh axis 'pipe'"),
+        ("data=2,data=2", "given twice"),
+        ("data=2,model=4", "uses 8 devices but 4 are available"),
+    ],
+)
+def test_parse_mesh_errors_are_one_line(text, message):
+    with pytest.raises(ValueError, match=message) as error:
+        parallel.parse_mesh(text, 4)
+    assert "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------------------------ layout rule
+
+
+def specs(tree) -> dict[str, P]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): sharding.spec for path, sharding in leaves}
+
+
+def test_latent_axes_go_to_model_even_when_d_in_equals_d_sae():
+    """d_in == d_sae: names decide W_enc's axis and keep b_dec replicated; Adam's moments follow
+    their parameters, [F, F] state is split by rows, the step count is replicated."""
+    variant = make_variant("hier_ortho", 32, 32, k=4, counts="ema")
+    opt = make_optimizer(lr=1e-3, warmup_steps=1)
+    params = variant.init_params(jax.random.key(0))
+    state = (params, opt.init(params), variant.init_state())
+    got = specs(parallel.state_shardings(abstract_mesh(2, 2), state, 32))
+    latent_rows, latent_cols = P("model"), P(None, "model")
+    for prefix in ("[0]", "[1][1].mu", "[1][1].nu"):
+        assert got[f"{prefix}['W_enc']"] == latent_cols
+        assert got[f"{prefix}['W_dec']"] == latent_rows
+        assert got[f"{prefix}['b_enc']"] == latent_rows
+        assert got[f"{prefix}['b_dec']"] == P()
+    assert got["[1][1].count"] == P()
+    for key in ("cofire_ema", "fire_ema", "tokens_since_fired"):
+        assert got[f"[2]['{key}']"] == latent_rows
+
+
+def test_concept_level_replicated_and_member_axis_never_split():
+    variant = make_variant("two_level", 16, 256)
+    params = jax.eval_shape(variant.init_params, jax.random.key(0))
+    members = jax.tree.map(lambda s: jax.ShapeDtypeStruct((3, *s.shape), s.dtype), params)
+    got = specs(parallel.state_shardings(abstract_mesh(1, 2), members, 256, member_axis=True))
+    assert got["['W_enc']"] == P(None, None, "model")
+    assert got["['W_dec']"] == P(None, "model")
+    assert got["['W_enc_c']"] == got["['W_dec_c']"] == got["['b_enc_c']"] == P()
+
+
+def test_indivisible_sizes_name_the_fix():
+    with pytest.raises(ValueError, match="d_sae=100 is not divisible by the mesh's model size 8"):
+        parallel.state_shardings(abstract_mesh(1, 8), {"b_enc": np.zeros(100)}, 100)
+    with pytest.raises(ValueError, match="choose a batch size that is a multiple of it"):
+        parallel.batch_sharding(abstract_mesh(4, 1), 30)
+    with pytest.raises(ValueError, match="k <= F / model"):
+        parallel.sharded_top_k(np.zeros((8, 16)), 5, abstract_mesh(1, 4))
+
+
+def test_collective_bytes_by_hand():
+    """d 4, F 8, B 16 on 2 x 2, k 2: gradient shard 4 * ((2*4*8 + 8) / 2 + 4) = 160 bytes,
+    ring over 2 sends all of it; x_hat [8, 4] -> 128; candidates 8 tokens * 2 * 8 bytes * 1."""
+    got = parallel.collective_bytes_per_step(4, 8, 16, data=2, model=2, k=2)
+    assert got == {
+        "gradient_all_reduce": 160,
+        "decoder_all_reduce": 128,
+        "top_k_gather": 128,
+        "total": 416,
+    }
+    one_device = parallel.collective_bytes_per_step(4, 8, 16, data=1, model=1, k=2)
+    assert one_device["total"] == 0
+
+
+# ------------------------------------------------------------------------------ 4 devices
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[np.lib.npyio.NpzFile, dict]:
+    out = tmp_path_factory.mktemp("mesh")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "mesh_runs.py"), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return np.load(out / "arrays.npz"), json.loads((out / "facts.json").read_text())
+
+
+def run_of(arrays, run: str) -> dict[str, np.ndarray]:
+    """The leaves saved by `mesh_runs.flat` under `run`, by key path."""
+    prefix = f"{run}/"
+    return {key[len(prefix) :]: arrays[key] for key in arrays.files if key.startswith(prefix)}
+
+
+def assert_same_state(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys() and expected
+    for key, value in expected.items():
+        np.testing.assert_allclose(actual[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("mesh", ["4x1", "2x2", "1x4"])
+@pytest.mark.parametrize("variant", MESH_RUNS)
+def test_mesh_gives_the_weights_of_one_device(runs, variant, mesh):
+    """20 steps of the sharded step (params, Adam state, regulariser state) against 1 device."""
+    arrays, facts = runs
+    assert facts["devices"] == 4
+    assert_same_state(run_of(arrays, f"{variant}/{mesh}"), run_of(arrays, f"{variant}/1"))
+    assert facts[f"layouts_kept/{variant}/{mesh}"]
+
+
+def test_sweep_members_sharded_like_unsharded(runs):
+    arrays, _ = runs
+    expected = run_of(arrays, "sweep/1")
+    assert expected["[0]['W_enc']"].shape[0] == 2
+    assert not np.allclose(expected["[0]['W_enc']"][0], expected["[0]['W_enc']"][1])
+    assert_same_state(run_of(arrays, "sweep/2x2"), expected)
+
+
+@pytest.mark.parametrize("mesh", ["2x2", "1x4"])
+def test_sharded_top_k_equals_lax_top_k_ties_included(runs, mesh):
+    arrays, _ = runs
+    for part in ("values", "indices"):
+        np.testing.assert_array_equal(arrays[f"top_k/{mesh}/{part}"], arrays[f"top_k/lax/{part}"])
+
+
+def test_sharded_step_never_gathers_all_codes(runs):
+    """GSPMD replicates a top-k's operand; routed through `sharded_top_k` only candidates move."""
+    _, facts = runs
+    assert facts["all_gathers"], "expected the candidate gathers of the top-k"
+    assert not facts["gathers_all_codes"], "\n".join(facts["all_gathers"])
+
+
+def test_checkpoint_of_2x2_restores_onto_1x4(runs):
+    arrays, facts = runs
+    assert_same_state(run_of(arrays, "restore/1x4"), run_of(arrays, "restore/saved"))
+    assert facts["restore_layouts"]
