@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jax_sae.data import CacheWriter  # noqa: E402
 from jax_sae.training import TrainConfig, Trainer  # noqa: E402
-from jax_sae.training.engine import initial_state, make_engine  # noqa: E402
+from jax_sae.training.engine import initial_state, make_engine, stack_members  # noqa: E402
 from jax_sae.training.resolve import make_loader, open_cache, resolve_run  # noqa: E402
 
 SHARD_TOKENS = 65_536
@@ -81,7 +81,8 @@ def worker(cache: Path, d_sae: int, members: int, steps: int) -> dict:
     ]
     engine = make_engine([r.variant for r in variants], steps + 2, "float32", members > 1)
     sample = loader.sample(BATCH)
-    state = engine.stack([initial_state(r.variant, 0, steps + 2, sample) for r in variants])
+    states = [initial_state(r.variant, 0, steps + 2, sample) for r in variants]
+    state = stack_members(states, members > 1)
     times = []
     with loader.batches(0, steps + 2) as batches:
         for step, batch in enumerate(batches):

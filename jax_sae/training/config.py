@@ -81,6 +81,9 @@ class TrainConfig:
     (inf: never)"""
     diverge_min_ev: float = MIN_EXPLAINED_VARIANCE
     """mark the run diverged when held-out explained variance ends below this (-inf: never)"""
+    mesh: str | None = None
+    """data=N,model=M: split each batch over N devices and the latents over M (jax.sharding;
+    N x M = all devices); unset: one device"""
     sweep: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """KEY=V1,V2,...: train the grid of every --sweep in one vmapped step per group of equal
     shapes (keys: hyper-parameters, d_sae, seed)"""

@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from jax_sae.diagnostics import grad_shares_body
 from jax_sae.optim import make_optimizer
+from jax_sae.parallel import shard_train_step, state_shardings
 from jax_sae.train_step import train_step_body
 from jax_sae.variants import Variant
 
@@ -77,12 +79,22 @@ def vmap_members(
     return every
 
 
+def stack_members(trees: Sequence[Any], vmapped: bool) -> Any:
+    """The group's state from its members' states (a sweep stacks them on a leading axis)."""
+    if not vmapped:
+        (tree,) = trees
+        return tree
+    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
+
+
 @dataclass(frozen=True)
 class Engine:
     """A group's jitted step and gradient-share diagnostics over the stacked (or plain) state."""
 
     step: Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
     grad_shares: Callable[[TrainState, dict, jax.Array], dict]
+    place: Callable[[TrainState], TrainState]
+    """Put a state where the step wants it: onto the mesh's layout (identity on one device)."""
     size: int
     vmapped: bool
 
@@ -90,17 +102,19 @@ class Engine:
         """Member ``index``'s slice of a state or of metrics."""
         return jax.tree.map(lambda x: x[index], tree) if self.vmapped else tree
 
-    def stack(self, trees: Sequence[Any]) -> Any:
-        """The group's state from its members' states."""
-        if not self.vmapped:
-            return trees[0]
-        return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
-
 
 def make_engine(
-    variants: Sequence[Variant], steps: int, compute_dtype: str, vmapped: bool
+    variants: Sequence[Variant],
+    steps: int,
+    compute_dtype: str,
+    vmapped: bool,
+    mesh: Mesh | None = None,
+    example: TrainState | None = None,
+    batch_size: int = 0,
 ) -> Engine:
-    """The engine of one group: ``vmapped`` for a sweep (any size), plain for one run."""
+    """The engine of one group: ``vmapped`` for a sweep (any size), plain for one run. With a
+    ``mesh`` the state is laid out by ``parallel.state_shardings`` (the structure and shapes of
+    ``example``) and batches split over its ``data`` axis (``batch_size`` must divide)."""
     dtype = COMPUTE_DTYPES[compute_dtype]
 
     def build_step(v: Variant) -> Callable:
@@ -115,8 +129,23 @@ def make_engine(
     else:
         (variant,) = variants
         body, shares = build_step(variant), build_shares(variant)
-    jitted_step = jax.jit(body, donate_argnums=(0, 1, 2))
     jitted_shares = jax.jit(shares)
+    if mesh is None:
+        jitted_step = jax.jit(body, donate_argnums=(0, 1, 2))
+
+        def place(state: TrainState) -> TrainState:
+            return state
+
+    else:
+        keys = ("params", "opt_state", "reg_state")
+        layout = state_shardings(
+            mesh, tuple(example[k] for k in keys), variants[0].d_sae, member_axis=vmapped
+        )
+        jitted_step = shard_train_step(body, mesh, layout, batch_size)
+
+        def place(state: TrainState) -> TrainState:
+            placed = jax.device_put(tuple(state[k] for k in keys), layout)
+            return state | dict(zip(keys, placed, strict=True))
 
     def step(state: TrainState, batch: dict, index: jax.Array) -> tuple[TrainState, dict]:
         params, opt_state, reg_state, metrics = jitted_step(
@@ -127,7 +156,7 @@ def make_engine(
     def grad_shares(state: TrainState, batch: dict, index: jax.Array) -> dict:
         return jitted_shares(state["params"], state["reg_state"], batch, index)
 
-    return Engine(step, grad_shares, len(variants), vmapped)
+    return Engine(step, grad_shares, place, len(variants), vmapped)
 
 
 def traceable(engine: Engine, state: TrainState, batch: dict) -> str | None:

@@ -151,6 +151,7 @@ def resolve_run(cfg: TrainConfig, loader: Loader, out: Path) -> ResolvedRun:
         "eval_tokens": eval_tokens,
         "heldout_tokens": cache.n_tokens - loader.train_end,
         "loader": {"chunk_tokens": DEFAULT_CHUNK_TOKENS, "buffer_chunks": DEFAULT_BUFFER_CHUNKS},
+        "mesh": cfg.mesh,
         "checkpoint_every": cfg.checkpoint_every,
         "log_every": settings.log_every,
         "divergence": {

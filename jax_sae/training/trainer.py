@@ -27,6 +27,7 @@ from jax_sae.disk import DiskFullError, disk_full_error, is_disk_full, quiet_dis
 from jax_sae.divergence import DivergenceRule, zero_reconstruction_loss
 from jax_sae.evaluate import EVAL_BATCH, evaluate
 from jax_sae.loader import Loader, LoaderError
+from jax_sae.parallel import make_mesh, parse_mesh
 from jax_sae.training import sweep as sweeps
 from jax_sae.training.config import RESOLVED_CONFIG, ConfigError, TrainConfig, write_config_file
 from jax_sae.training.engine import (
@@ -34,6 +35,7 @@ from jax_sae.training.engine import (
     differing_hparams,
     initial_state,
     make_engine,
+    stack_members,
     traceable,
 )
 from jax_sae.training.loop import GroupRun, Member, TrainingError, mark_diverged
@@ -76,6 +78,12 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config.checked()
+        self.mesh = None
+        if config.mesh is not None:
+            try:
+                self.mesh = make_mesh(parse_mesh(config.mesh))
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
 
     def fit(self) -> list[FinishedRun]:
         """Train (or resume) and finish every run; one FinishedRun per run folder."""
@@ -155,13 +163,21 @@ class Trainer:
                 config = prepare_run_dir(run.out, run.config, resume)
                 write_config_file(run.out / RESOLVED_CONFIG, run.settings)
                 members.append(self._member(run, config, loader, stack))
-            engine = make_engine(
-                [m.variant for m in members],
-                group[0].config["steps"],
-                group[0].config["compute_dtype"],
-                vmapped=bool(self.config.sweep),
-            )
-            state, start = restore_or_init(members, engine, loader)
+            vmapped = bool(self.config.sweep)
+            state, start = restore_or_init(members, loader, vmapped)
+            try:  # a mesh that does not divide the batch or d_sae
+                engine = make_engine(
+                    [m.variant for m in members],
+                    group[0].config["steps"],
+                    group[0].config["compute_dtype"],
+                    vmapped,
+                    mesh=self.mesh,
+                    example=state,
+                    batch_size=self.config.batch_size,
+                )
+            except ValueError as error:
+                raise ConfigError(f"--mesh {self.config.mesh}: {error}") from None
+            state = engine.place(state)
             if len(members) > 1 and (reason := traceable(engine, state, first_batch(loader))):
                 names = ", ".join(differing_hparams([m.variant for m in members]))
                 print(
@@ -247,7 +263,7 @@ def first_batch(loader: Loader) -> dict:
         return next(batches)
 
 
-def restore_or_init(members: list[Member], engine, loader: Loader) -> tuple[TrainState, int]:
+def restore_or_init(members: list[Member], loader: Loader, vmapped: bool) -> tuple[TrainState, int]:
     """The group's state at the latest step every member has a checkpoint of (0: fresh)."""
     config = members[0].config
     sample = loader.sample(config["batch_size"])
@@ -261,7 +277,7 @@ def restore_or_init(members: list[Member], engine, loader: Loader) -> tuple[Trai
         ]
         for member in members:
             print(f"resuming {member.out} at step {start} of {config['steps']}", file=sys.stderr)
-    return engine.stack(fresh), start
+    return stack_members(fresh, vmapped), start
 
 
 def save_weights(out: Path, variant: Any, params: Any, reg_state: Any) -> dict:
