@@ -2,6 +2,8 @@
 and, on 4 CPU devices in a subprocess (tests/mesh_runs.py), sharded training against 1 device."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +176,51 @@ def test_checkpoint_of_2x2_restores_onto_1x4(runs):
     arrays, facts = runs
     assert_same_state(run_of(arrays, "restore/1x4"), run_of(arrays, "restore/saved"))
     assert facts["restore_layouts"]
+
+
+# ------------------------------------------------------------------------------ train.py --mesh
+
+
+def train_on_devices(tmp_path: Path, *argv: str, kill_before: str | None = None) -> int:
+    """train.py (or tests/kill_at.py around it) in a process that sees 4 CPU devices."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env["OMP_NUM_THREADS"] = "1"
+    prefix = ["tests/kill_at.py", kill_before, "1", "train"] if kill_before else ["train.py"]
+    proc = subprocess.run(
+        [sys.executable, *prefix, *argv], cwd=ROOT, env=env, capture_output=True, timeout=600
+    )
+    assert kill_before or proc.returncode == 0, proc.stderr.decode()[-2000:]
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory) -> Path:
+    from tests.test_train_cli import write_cache
+
+    return write_cache(tmp_path_factory.mktemp("cache") / "c")
+
+
+def test_train_py_on_a_mesh_and_resumed_on_another(small_cache, tmp_path):
+    """The trainer end to end: a 2x2 run equals the 1-device run; a run killed at its step-10
+    checkpoint on 2x2 resumes on 1x4 and still ends with the same weights."""
+    from tests.test_sweep import assert_close_weights
+    from tests.test_train_cli import args
+
+    sets = ("d_sae=64", "k=4", "warmup_steps=5", "lr=0.01")
+    common = ["--steps", "20"]
+    one, mesh, moved = tmp_path / "one", tmp_path / "2x2", tmp_path / "moved"
+    train_on_devices(tmp_path, *args(small_cache, one, *common, variant="topk", sets=sets))
+    train_on_devices(
+        tmp_path,
+        *args(small_cache, mesh, *common, "--mesh", "data=2,model=2", variant="topk", sets=sets),
+    )
+    assert_close_weights(mesh, one)
+    killed = args(
+        small_cache, moved, *common, "--mesh", "data=2,model=2", variant="topk", sets=sets
+    )
+    assert train_on_devices(tmp_path, *killed, kill_before="checkpoints/20") == -signal.SIGKILL
+    resumed = args(
+        small_cache, moved, *common, "--mesh", "model=4", "--resume", variant="topk", sets=sets
+    )
+    train_on_devices(tmp_path, *resumed)
+    assert_close_weights(moved, one)
