@@ -103,6 +103,7 @@ class Trainer:
             resolved = [resolve_run(cfg, loader, cfg.default_out())]
             members, groups = [], [[0]]
         announce(resolved)
+        self._warn_about_layout(resolved[0])
         folders = [cfg.default_out()] if cfg.sweep else []
         with contextlib.ExitStack() as stack:
             for folder in [*folders, *(run.out for run in resolved)]:
@@ -128,6 +129,17 @@ class Trainer:
                     cfg.default_out(), need, error, "rerun with --resume"
                 ) from error
         return finished
+
+    def _warn_about_layout(self, run: ResolvedRun) -> None:
+        """The sparse TopK path on a model axis moves far more than its reconstruction."""
+        sparse = run.variant.hparams.get("dense") is False
+        if self.mesh is not None and self.mesh.shape["model"] > 1 and sparse:
+            print(
+                "warning: on a mesh with model > 1 the sparse TopK path all-reduces its gathered "
+                "decoder rows ([batch x k, d_in] per step); --set dense=true moves only the "
+                "reconstruction (docs/scaling.md)",
+                file=sys.stderr,
+            )
 
     def _label(self, group: list[ResolvedRun], number: int, total: int) -> str:
         if not self.config.sweep:
