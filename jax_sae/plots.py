@@ -27,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
-from matplotlib.ticker import EngFormatter  # noqa: E402
+from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter  # noqa: E402
 
 from jax_sae.losses import freq  # noqa: E402
 
@@ -114,8 +114,8 @@ def curve_panels(records: list[dict]) -> list[Panel]:
     shares = sorted({k for r in records for k in r if k.startswith(GRAD_SHARE_PREFIX)})
     named = {"per-term losses", "gradient share per term"}  # lines named after loss terms
     specs = [  # title, y label, y scale rule, {line label: record key}
-        ("loss", "loss per token", "log", {"total": "loss", "reconstruction": "recon"}),
-        ("per-term losses", "added to the loss (with its coefficient)", "log", terms),
+        ("loss", "loss per token", "auto", {"total": "loss", "reconstruction": "recon"}),
+        ("per-term losses", "added to the loss (with its coefficient)", "auto", terms),
         ("L0", "active latents per token", "auto", {"L0": "l0"}),
         ("dead fraction", "fraction of latents", "linear", {"dead": "dead_frac"}),
         (
@@ -125,7 +125,7 @@ def curve_panels(records: list[dict]) -> list[Panel]:
             {"explained variance": "explained_variance"},
         ),
         ("learning rate schedule", "learning rate", "linear", {"lr": "lr"}),
-        ("gradient norm (before clipping)", "L2 norm", "log", {"gradient norm": "grad_norm"}),
+        ("gradient norm (before clipping)", "L2 norm", "auto", {"gradient norm": "grad_norm"}),
         (
             "gradient share per term",
             "|grad of term| / |grad of rest|",
@@ -143,6 +143,11 @@ def curve_panels(records: list[dict]) -> list[Panel]:
     return panels
 
 
+def _within_decade(ax: plt.Axes) -> bool:
+    low, high = ax.get_ylim()
+    return high < 10 * low
+
+
 def draw_panel(ax: plt.Axes, panel: Panel) -> None:
     """One line per series through every logged point, each point marked while they stay apart."""
     for label, (tokens, values) in panel.series.items():
@@ -152,6 +157,10 @@ def draw_panel(ax: plt.Axes, panel: Panel) -> None:
     ax.title.set_fontsize(10)
     if panel.yscale == "linear":
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+    else:  # plain numbers (150, 0.003), not 1.5 x 10^2, on major and labelled minor ticks
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain if _within_decade(ax) else NullFormatter())
     ax.xaxis.set_major_formatter(EngFormatter())
     ax.grid(alpha=0.3)
     if panel.legend:
