@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ _DEFAULTS = {
     "shard_tokens": "131072",
 }
 _SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+_BYTE_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_PR_SET_PDEATHSIG = 1  # prctl option: a signal the kernel sends when the parent exits
 
 
 def parse_count(text: str) -> int:
@@ -39,6 +42,34 @@ def parse_count(text: str) -> int:
     if value != int(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"not a positive whole token count: {text!r}")
     return int(value)
+
+
+def parse_size(text: str) -> int:
+    """Byte sizes as people write them: 40G, 512M, 1.5T, 40GB, 40GiB, 1000000 (K/M/G/T count
+    in powers of 1024, as df -h and du -h print them)."""
+    body = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = _BYTE_UNITS.get(body[-1:], 1)
+    try:
+        value = float((body[:-1] if scale > 1 else body).replace("_", "")) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 40G, 512M)") from None
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"not a positive size: {text!r}")
+    return int(value)
+
+
+def exit_with_parent(parent: int) -> bool:
+    """Have the kernel end this process (SIGTERM) when ``parent`` exits (Linux); False when
+    ``parent`` is not (or no longer) this process's parent.
+
+    A streaming extractor blocked on its disk budget waits for a trainer to release shards; if
+    that trainer is killed, this keeps the extractor from waiting forever beside the next one.
+    """
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    return os.getppid() == parent  # checked after the request: a parent gone before it counts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per shard (shards end at batch boundaries, so they are slightly larger)",
     )  # fmt: skip
     p.add_argument(
+        "--disk-budget", type=parse_size, metavar="SIZE",
+        help="stream: keep at most SIZE (40G, 512M) of shards on disk; wait for the trainer to "
+        "release shards, then delete them (jax_sae.stream)",
+    )  # fmt: skip
+    p.add_argument(
+        "--parent-pid", type=int, metavar="PID",
+        help="exit when process PID, the trainer that started this extractor, exits (Linux)",
+    )  # fmt: skip
+    p.add_argument(
         "--resume", action="store_true",
         help="continue the cache in --out (settings must match); starts it if absent",
     )  # fmt: skip
@@ -109,13 +149,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return int(e.code or 0)
+    if args.parent_pid is not None and not exit_with_parent(args.parent_pid):
+        print(
+            f"error: --parent-pid {args.parent_pid} is not the parent of this process",
+            file=sys.stderr,
+        )
+        return 2
     # Fail fast instead of waiting on a dead connection (read when huggingface_hub is imported).
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
 
     from extract.errors import ExtractError
     from extract.extractor import ExtractConfig, extract
-    from jax_sae.data import ActivationCache, CacheError
+    from jax_sae.data import CacheError, read_manifest
 
     cfg = ExtractConfig(
         model=args.model,
@@ -137,18 +183,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         shard_tokens=args.shard_tokens,
         resume=args.resume,
         progress=not args.quiet,
+        disk_budget=args.disk_budget,
     )
     try:
         out = extract(cfg)
-        cache = ActivationCache(out)
+        manifest = read_manifest(out)
     except (ExtractError, CacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: complete shards are kept; rerun with --resume", file=sys.stderr)
         return 130
+    deleted = sum(bool(shard.get("deleted")) for shard in manifest["shards"])
     print(
-        f"{out}: {cache.n_tokens} tokens, layers {cache.layers}, d_model {cache.d_model}, "
-        f"{len(cache.shard_sizes)} shards ({cache.manifest['dtype']})"
+        f"{out}: {manifest['n_tokens']} tokens, layers {manifest['layers']}, d_model "
+        f"{manifest['d_model']}, {len(manifest['shards'])} shards ({manifest['dtype']})"
+        + (f", {deleted} deleted after training read them" if deleted else "")
     )
     return 0

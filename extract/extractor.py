@@ -16,6 +16,9 @@ Design:
   and a shard is cut only at a batch boundary once it holds ``shard_tokens`` tokens. A resumed run
   skips the ``n_sequences`` texts of the complete shards and so forms exactly the batches - hence
   bit-identical activations - of an uninterrupted run. ``n_sequences`` counts texts consumed.
+* **Streaming**: with ``disk_budget`` the writer waits before a shard that would not fit and
+  deletes shards the trainer released (``jax_sae.stream``); the model then waits with it. Deleted
+  shards stay listed, so resume skips their texts like any other shard's.
 * **Overlap**: tokenisation runs one batch ahead on a thread; device-to-host copies are
   asynchronous; dtype conversion and shard writing run on a writer thread.
 """
@@ -79,6 +82,7 @@ class ExtractConfig:
     revision: str | None = None
     attn_implementation: str = "eager"  # Gemma-2's attention soft-capping is exact only in eager
     progress: bool = True
+    disk_budget: int | None = None  # bytes of shard files on disk at most (streaming)
 
     def validate(self) -> None:
         checks = [
@@ -89,6 +93,7 @@ class ExtractConfig:
             (self.ctx_len >= 2, "--ctx-len must be >= 2"),
             (self.batch_size > 0, "--batch-size must be > 0"),
             (self.shard_tokens > 0, "--shard-tokens must be > 0"),
+            (self.disk_budget is None or self.disk_budget > 0, "--disk-budget must be > 0"),
             (self.dtype in TORCH_DTYPES, f"--dtype must be one of {', '.join(TORCH_DTYPES)}"),
             (
                 self.model_dtype is None or self.model_dtype in TORCH_DTYPES,
@@ -468,6 +473,7 @@ class Extraction:
             settings=_settings(cfg, self.model_dtype),
             metadata=self.metadata,
             resume=cfg.resume,
+            disk_budget=cfg.disk_budget,
         )
         if writer.manifest.get("complete"):
             print(f"{self.out} is already complete ({writer.n_tokens} tokens)", file=sys.stderr)
@@ -487,18 +493,22 @@ class Extraction:
             ThreadPoolExecutor(1, thread_name_prefix="extract-writer") as pool,
             torch.inference_mode(),
         ):
-            for batch in prefetch(token_batches(texts, self.tokenizer, cfg, self.drop_ids)):
-                host = self._forward(batch, cfg.tokens - n_tokens)
-                pending.append(pool.submit(assembler.add, host))
-                while len(pending) > _IN_FLIGHT_BATCHES:
-                    pending.popleft().result()
-                n_tokens += len(host.tokens)
-                bar.update(len(host.tokens))
-                if n_tokens >= cfg.tokens:
-                    break
-            pending.append(pool.submit(assembler.flush))
-            for future in pending:
-                future.result()
+            try:
+                for batch in prefetch(token_batches(texts, self.tokenizer, cfg, self.drop_ids)):
+                    host = self._forward(batch, cfg.tokens - n_tokens)
+                    pending.append(pool.submit(assembler.add, host))
+                    while len(pending) > _IN_FLIGHT_BATCHES:
+                        pending.popleft().result()
+                    n_tokens += len(host.tokens)
+                    bar.update(len(host.tokens))
+                    if n_tokens >= cfg.tokens:
+                        break
+                pending.append(pool.submit(assembler.flush))
+                for future in pending:
+                    future.result()
+            except BaseException:
+                writer.stop.set()  # a writer waiting for disk budget would hold up the exit
+                raise
         if n_tokens < cfg.tokens:
             print(
                 f"warning: the dataset ended after {n_tokens} of {cfg.tokens} tokens",

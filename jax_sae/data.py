@@ -10,12 +10,18 @@ One folder per extraction run::
 Each shard holds whole sequences in sequence order, so a token's predecessor is the row before it.
 This module needs only numpy and ml_dtypes: the extractor (torch) writes through ``CacheWriter``
 and the trainer (JAX) reads through ``ActivationCache`` without either importing the other.
+
+A cache streamed to a trainer (``jax_sae.stream``) is bounded by a disk budget: the trainer writes
+``release.json`` (the shards no step it could resume from still reads), and the extractor, which
+alone writes the manifest and deletes files, deletes released shards when it needs room. The
+manifest keeps listing them, marked ``"deleted": true``, so the token order stays defined.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import zlib
 from collections.abc import Callable, Sequence
@@ -26,7 +32,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jax_sae.disk import require_space
+from jax_sae.disk import human_bytes, require_space
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -42,6 +48,15 @@ FLOAT16_EXPONENT = np.uint16(0x7C00)
 WRITE_OVERHEAD = 1 << 20  # .npy headers and the manifest, with room to spare
 MANIFEST_FIELDS = {"layers": list, "d_model": int, "dtype": str, "shards": list, "stats": dict}
 SHARD_FIELDS = {"index": int, "n_tokens": int, "crc32": dict}
+RELEASE = "release.json"
+"""Written by a streaming trainer after each checkpoint: shards with an index below
+``released_below``, except those ``pinned``, are read by no step from checkpoint ``step`` on."""
+RELEASE_FIELDS = {"released_below": int, "pinned": list, "step": int}
+PRODUCER_WAIT = "producer_wait.json"
+"""Present while a budgeted extractor waits for room: the shard it holds back and the release it
+last read, so the trainer can tell a deadlock (both sides waiting) from a slow extractor."""
+NPY_HEADER_BOUND = 256  # bytes; np.save writes 128-byte headers for 1-D and 2-D arrays
+_REEXTRACT = "the manifest is damaged or not written by this project, re-run the extraction"
 
 
 class CacheError(ValueError):
@@ -58,8 +73,13 @@ def shard_file(kind: str, index: int) -> str:
     return f"{kind}/shard_{index:05d}.npy"
 
 
-def _layer_kind(layer: int) -> str:
+def layer_kind(layer: int) -> str:
     return f"L{layer}"
+
+
+def shard_kinds(layers: Sequence[int]) -> list[str]:
+    """The folders each shard has one file in."""
+    return [*(layer_kind(layer) for layer in layers), "tokens", "positions"]
 
 
 def _array_crc32(array: np.ndarray) -> int:
@@ -124,7 +144,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     _fsync_dir(Path(path).parent)
 
 
-def _read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> dict:
     file = path / MANIFEST
     if not file.exists():
         raise CacheError(
@@ -153,18 +173,42 @@ def _read_manifest(path: Path) -> dict:
         )
     for position, shard in enumerate(manifest["shards"]):
         _check_fields(file, f"shards[{position}].", shard, SHARD_FIELDS)
+        if not isinstance(shard.get("deleted", False), bool):
+            where = f"shards[{position}].deleted"
+            raise CacheError(f"{file} gives a non-boolean '{where}'; {_REEXTRACT}")
     return manifest
 
 
-def _check_fields(file: Path, where: str, entry: Any, fields: dict[str, type]) -> None:
+def _check_fields(
+    file: Path, where: str, entry: Any, fields: dict[str, type], fix: str = _REEXTRACT
+) -> None:
     """Each of ``fields`` present in ``entry`` with its JSON type, else a CacheError naming it."""
     for name, kind in fields.items():
         value = entry.get(name) if isinstance(entry, dict) else None
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise CacheError(
-                f"{file} lacks a valid '{where}{name}' ({kind.__name__}); the manifest is "
-                "damaged or not written by this project, re-run the extraction"
-            )
+            raise CacheError(f"{file} lacks a valid '{where}{name}' ({kind.__name__}); {fix}")
+
+
+def read_release(path: Path) -> dict | None:
+    """The streaming trainer's ``RELEASE`` record of a cache, or None before its first one."""
+    file = Path(path) / RELEASE
+    try:
+        release = json.loads(file.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(
+            f"{file} is not valid JSON ({e}); delete it only if no trainer streams from this cache"
+        ) from e
+    fix = "it is damaged; delete it only if no trainer streams from this cache"
+    _check_fields(file, "", release, RELEASE_FIELDS, fix)
+    return release
+
+
+def write_release(path: Path, released_below: int, pinned: Sequence[int], step: int) -> None:
+    """Let a budgeted extractor delete shards below ``released_below`` except ``pinned``."""
+    record = {"released_below": released_below, "pinned": sorted(pinned), "step": step}
+    write_json_atomic(Path(path) / RELEASE, record)
 
 
 class CacheWriter:
@@ -174,6 +218,10 @@ class CacheWriter:
     the manifest (itself replaced atomically), so a kill leaves either the old or the new cache,
     never a listed half-shard. Per-layer mean and mean squared norm accumulate in float64 for
     input normalisation at training time.
+
+    With a ``disk_budget`` (bytes of shard files) the writer waits before each shard until it fits
+    beside the shards still on disk, deleting the shards a streaming trainer released (see the
+    module docstring), and polls every ``poll_s`` seconds; setting ``stop`` ends such a wait.
     """
 
     def __init__(
@@ -186,6 +234,8 @@ class CacheWriter:
         settings: dict,
         metadata: dict,
         resume: bool = False,
+        disk_budget: int | None = None,
+        poll_s: float = 0.5,
     ) -> None:
         if dtype not in STORAGE_DTYPES:
             raise CacheError(f"storage dtype {dtype!r} unknown; use one of {list(STORAGE_DTYPES)}")
@@ -193,13 +243,16 @@ class CacheWriter:
         self.layers = sorted(int(layer) for layer in layers)
         self.d_model = int(d_model)
         self.dtype = STORAGE_DTYPES[dtype]
+        self.disk_budget = disk_budget
+        self.poll_s = poll_s
+        self.stop = threading.Event()
         if (self.path / MANIFEST).exists():
             if not resume:
                 raise CacheError(
                     f"{self.path} already holds an activation cache; pass --resume to continue "
                     "it or choose another --out (nothing was overwritten)"
                 )
-            self.manifest = _read_manifest(self.path)
+            self.manifest = read_manifest(self.path)
             if self.manifest["settings"] != settings:
                 diff = sorted(
                     k
@@ -231,6 +284,7 @@ class CacheWriter:
                 "complete": False,
             }
             write_json_atomic(self.path / MANIFEST, self.manifest)
+        (self.path / PRODUCER_WAIT).unlink(missing_ok=True)  # left by a killed writer
 
     @property
     def n_tokens(self) -> int:
@@ -245,11 +299,91 @@ class CacheWriter:
         return len(self.manifest["shards"])
 
     def _drop_unlisted_files(self) -> None:
-        """Remove temp files and shards a kill left behind after the last listed shard."""
+        """Remove temp files and shards a kill left behind after the last listed shard, and the
+        files of shards marked deleted whose removal a kill cut short."""
+        deleted = {shard["index"] for shard in self.manifest["shards"] if shard.get("deleted")}
         for file in self.path.glob("*/shard_*.npy*"):
             index = int(file.name.split(".")[0].removeprefix("shard_"))
-            if file.suffix == ".tmp" or index >= self.n_shards:
+            if file.suffix == ".tmp" or index >= self.n_shards or index in deleted:
                 file.unlink()
+
+    def _bytes_on_disk(self) -> int:
+        """Bytes of the files of the listed shards not marked deleted."""
+        total = 0
+        for shard in self.manifest["shards"]:
+            for kind in [] if shard.get("deleted") else shard_kinds(self.layers):
+                file = self.path / shard_file(kind, shard["index"])
+                try:
+                    total += file.stat().st_size
+                except FileNotFoundError:
+                    raise CacheError(
+                        f"missing shard file {file}; the cache is damaged, re-extract it"
+                    ) from None
+        return total
+
+    def _delete_released(self, release: dict | None) -> bool:
+        """Delete the shards the trainer released (False when there are none): marked in the
+        manifest first, so a kill leaves files that resume removes, never a listed shard without
+        its files."""
+        if release is None:
+            return False
+        pinned = set(release["pinned"])
+        doomed = [
+            shard
+            for shard in self.manifest["shards"]
+            if shard["index"] < release["released_below"]
+            and shard["index"] not in pinned
+            and not shard.get("deleted")
+        ]
+        if not doomed:
+            return False
+        for shard in doomed:
+            shard["deleted"] = True
+        write_json_atomic(self.path / MANIFEST, self.manifest)
+        for shard in doomed:
+            for kind in shard_kinds(self.layers):
+                (self.path / shard_file(kind, shard["index"])).unlink(missing_ok=True)
+        return True
+
+    def _make_room(self, index: int, needed: int) -> None:
+        """Return once shard ``index`` (``needed`` bytes) fits in the disk budget; when it does not,
+        delete released shards, or wait for the trainer to release more."""
+        if self.disk_budget is None:
+            return
+        if needed > self.disk_budget:
+            raise CacheError(
+                f"shard {index} needs {human_bytes(needed)}, more than the whole --disk-budget "
+                f"({human_bytes(self.disk_budget)}); raise the budget or lower --shard-tokens"
+            )
+        wait_file, waiting = self.path / PRODUCER_WAIT, None
+        while True:
+            on_disk = self._bytes_on_disk()
+            if on_disk + needed <= self.disk_budget:
+                wait_file.unlink(missing_ok=True)
+                return
+            release = read_release(self.path)
+            if self._delete_released(release):
+                continue
+            state = {
+                "shard": index,
+                "needed": needed,
+                "on_disk": on_disk,
+                "budget": self.disk_budget,
+                "released_below": release["released_below"] if release else None,
+            }
+            if waiting is None:
+                print(
+                    f"waiting for the trainer to release shards: shard {index} needs "
+                    f"{human_bytes(needed)}, {human_bytes(on_disk)} of the "
+                    f"{human_bytes(self.disk_budget)} disk budget are in use",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if state != waiting:
+                write_json_atomic(wait_file, state)
+                waiting = state
+            if self.stop.wait(self.poll_s):
+                raise CacheError(f"stopped while shard {index} waited for room in the disk budget")
 
     def write_shard(
         self,
@@ -286,7 +420,8 @@ class CacheWriter:
                 )
             row_sq_norms = np.einsum("ij,ij->i", stored32, stored32)
             sums[layer] = (stored32.sum(0, dtype=np.float64), row_sq_norms.sum(dtype=np.float64))
-            arrays[_layer_kind(layer)] = stored
+            arrays[layer_kind(layer)] = stored
+        self._make_room(index, sum(a.nbytes + NPY_HEADER_BOUND for a in arrays.values()))
         shard_bytes = sum(array.nbytes for array in arrays.values()) + WRITE_OVERHEAD
         require_space(self.path, shard_bytes, f"shard {index}", "resume the extraction (--resume)")
         checksums = {}
@@ -312,6 +447,51 @@ class CacheWriter:
         """Mark the cache complete; readers accept incomplete caches but report them."""
         self.manifest["complete"] = True
         write_json_atomic(self.path / MANIFEST, self.manifest)
+
+
+def check_layer(path: Path, layers: Sequence[int], layer: int) -> None:
+    """CacheError naming the cache's layers when ``layer`` is not one of them."""
+    if layer not in layers:
+        raise CacheError(
+            f"layer {layer} is not in cache {path} (it has layers {list(layers)}); "
+            "pick one of those or extract that layer"
+        )
+
+
+def open_shard(path: Path, kind: str, shard: dict, row_shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """Memory-map one file of a listed shard; CacheError when it is missing, cut short or of
+    another shape or dtype than the manifest says (cheap: the contents are checked on read)."""
+    file = path / shard_file(kind, shard["index"])
+    if not file.exists():
+        raise CacheError(f"missing shard file {file}; the cache is damaged, re-extract it")
+    try:
+        array = np.load(file, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise CacheError(f"shard {file} is truncated or corrupted ({e}); re-extract it") from e
+    if array.dtype.kind == "V" and array.dtype.itemsize == dtype.itemsize:
+        array = array.view(dtype)  # .npy stores bfloat16 as raw 2-byte void
+    expected = (shard["n_tokens"], *row_shape)
+    if array.shape != expected or array.dtype != dtype:
+        raise CacheError(
+            f"shard {file} has shape {array.shape} {array.dtype}, manifest says {expected} "
+            f"{dtype}; the cache is damaged, re-extract it"
+        )
+    return array
+
+
+def verify_shard(file: Path, array: np.ndarray, crc32: int | None, first_row: int) -> None:
+    """Recompute a shard file's CRC32 and look for NaN/inf; CacheError naming the file (and the
+    first bad row, counted in the shard and in the cache from ``first_row``) otherwise."""
+    if crc32 is None:
+        raise CacheError(f"manifest lists no checksum for {file}; re-extract the cache")
+    crc, bad_row = scan_array(array)
+    if crc != crc32:
+        raise CacheError(f"checksum mismatch in {file}; the cache is corrupted, re-extract it")
+    if bad_row is not None:
+        raise CacheError(
+            f"{file} row {bad_row} (cache row {first_row + bad_row}) holds NaN/inf; the cache "
+            "was written by a tool that does not check values, re-extract it"
+        )
 
 
 class ShardedArray:
@@ -410,7 +590,14 @@ class ActivationCache:
         self.path = Path(path)
         if not self.path.is_dir():
             raise CacheError(f"activation cache {self.path} does not exist; run `make extract`")
-        self.manifest = _read_manifest(self.path)
+        self.manifest = read_manifest(self.path)
+        deleted = [s["index"] for s in self.manifest["shards"] if s.get("deleted")]
+        if deleted:
+            raise CacheError(
+                f"cache {self.path} was streamed under a disk budget: {len(deleted)} of its shards "
+                f"(the first is {deleted[0]}) were deleted once a trainer had read them; stream "
+                "from it (jax_sae.stream) or re-extract it without --disk-budget"
+            )
         self.layers: list[int] = list(self.manifest["layers"])
         self.d_model: int = int(self.manifest["d_model"])
         self.dtype = STORAGE_DTYPES[self.manifest["dtype"]]
@@ -418,10 +605,10 @@ class ActivationCache:
         self.n_tokens: int = int(sum(self.shard_sizes))
         if self.n_tokens == 0:
             raise CacheError(f"activation cache {self.path} lists no complete shard; re-extract")
-        kinds = {_layer_kind(layer): ((self.d_model,), self.dtype) for layer in self.layers}
+        kinds = {layer_kind(layer): ((self.d_model,), self.dtype) for layer in self.layers}
         kinds |= {"tokens": ((), np.dtype(np.int32)), "positions": ((), np.dtype(np.int32))}
         self._maps = {
-            kind: [self._open(kind, s, shape, dtype) for s in self.manifest["shards"]]
+            kind: [open_shard(self.path, kind, s, shape, dtype) for s in self.manifest["shards"]]
             for kind, (shape, dtype) in kinds.items()
         }
         self.check_on_read = check_on_read
@@ -433,24 +620,6 @@ class ActivationCache:
     @property
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
-
-    def _open(self, kind: str, shard: dict, row_shape: tuple, dtype: np.dtype) -> np.ndarray:
-        file = self.path / shard_file(kind, shard["index"])
-        if not file.exists():
-            raise CacheError(f"missing shard file {file}; the cache is damaged, re-extract it")
-        try:
-            array = np.load(file, mmap_mode="r")
-        except (ValueError, OSError) as e:
-            raise CacheError(f"shard {file} is truncated or corrupted ({e}); re-extract it") from e
-        if array.dtype.kind == "V" and array.dtype.itemsize == dtype.itemsize:
-            array = array.view(dtype)  # .npy stores bfloat16 as raw 2-byte void
-        expected = (shard["n_tokens"], *row_shape)
-        if array.shape != expected or array.dtype != dtype:
-            raise CacheError(
-                f"shard {file} has shape {array.shape} {array.dtype}, manifest says {expected} "
-                f"{dtype}; the cache is damaged, re-extract it"
-            )
-        return array
 
     def check_shard(self, kind: str, position: int) -> None:
         """Recompute one shard's CRC32 and look for NaN/inf, once per cache object.
@@ -465,20 +634,8 @@ class ActivationCache:
                 return
             shard = self.manifest["shards"][position]
             file = self.path / shard_file(kind, shard["index"])
-            expected = shard["crc32"].get(kind)
-            if expected is None:
-                raise CacheError(f"manifest lists no checksum for {file}; re-extract the cache")
-            crc, bad_row = scan_array(self._maps[kind][position])
-            if crc != expected:
-                raise CacheError(
-                    f"checksum mismatch in {file}; the cache is corrupted, re-extract it"
-                )
-            if bad_row is not None:
-                raise CacheError(
-                    f"{file} row {bad_row} (cache row {sum(self.shard_sizes[:position]) + bad_row})"
-                    " holds NaN/inf; the cache was written by a tool that does not check values, "
-                    "re-extract it"
-                )
+            first_row = sum(self.shard_sizes[:position])
+            verify_shard(file, self._maps[kind][position], shard["crc32"].get(kind), first_row)
             self._checked.add((kind, position))
 
     def verify(self) -> None:
@@ -493,21 +650,17 @@ class ActivationCache:
         return ShardedArray(self._maps[kind], out_dtype, before_read=check)
 
     def _check_layer(self, layer: int) -> None:
-        if layer not in self.layers:
-            raise CacheError(
-                f"layer {layer} is not in cache {self.path} (it has layers {self.layers}); "
-                "pick one of those or extract that layer"
-            )
+        check_layer(self.path, self.layers, layer)
 
     def acts(self, layer: int) -> ShardedArray:
         """Activations of one layer as float32 rows."""
         self._check_layer(layer)
-        return self._array(_layer_kind(layer), np.float32)
+        return self._array(layer_kind(layer), np.float32)
 
     def raw_acts(self, layer: int) -> ShardedArray:
         """Activations of one layer in the storage dtype (checked on read like ``acts``)."""
         self._check_layer(layer)
-        return self._array(_layer_kind(layer), self.dtype)
+        return self._array(layer_kind(layer), self.dtype)
 
     def tokens(self) -> ShardedArray:
         return self._array("tokens", np.int32)

@@ -46,6 +46,71 @@ class LoaderError(ValueError):
     """A loader request the cache cannot satisfy; the message names the fix."""
 
 
+def check_batch_keys(batch_keys: Sequence[str]) -> None:
+    """The keys a variant asks for must be ones the loaders make, ``x`` among them."""
+    unknown = sorted(set(batch_keys) - set(BATCH_KEYS))
+    if unknown or "x" not in batch_keys:
+        raise LoaderError(
+            f"batch keys {list(batch_keys)} unsupported; the loader makes {BATCH_KEYS}"
+        )
+
+
+def finish_batch(batch: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    """On the host: storage dtype -> float32, input scale, zero predecessors at starts."""
+    for key in ("x", "x_prev"):
+        if key in batch:
+            values = batch[key].astype(np.float32)
+            if scale != 1.0:
+                values *= np.float32(scale)
+            batch[key] = values
+    if "x_prev" in batch:
+        batch["x_prev"][batch["seq_start"]] = 0.0
+    return batch
+
+
+def cut_batches(
+    runs: Iterator[tuple[Any, int, int]], batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of ``batch_size`` rows from ``(buffer, lo, hi)`` runs: rows ``[lo, hi)`` of each
+    buffer's visit order (``buffer.take``), a batch spanning buffers where one ends; a last
+    partial batch is dropped."""
+    pending: list[dict[str, np.ndarray]] = []
+    need = batch_size
+    for buffer, lo, hi in runs:
+        while lo < hi:
+            take = min(need, hi - lo)
+            pending.append(buffer.take(lo, lo + take))
+            lo, need = lo + take, need - take
+            if need == 0:
+                if len(pending) == 1:
+                    yield pending[0]
+                else:
+                    yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+                pending, need = [], batch_size
+
+
+def device_batches(
+    source: Iterator[dict[str, np.ndarray]],
+    scale: float,
+    sharding: jax.sharding.Sharding | None,
+    prefetch: int,
+    convert_on_device: bool | None = None,
+) -> Prefetcher:
+    """Storage-dtype batches finished and put on the device on a thread, ``prefetch`` ahead.
+
+    ``convert_on_device`` (default: on accelerators) transfers the storage dtype and converts
+    there: half the bytes for bfloat16, and the accelerator converts faster than the host.
+    """
+    if convert_on_device is None:
+        convert_on_device = jax.default_backend() != "cpu"
+    if convert_on_device:
+        finish = partial(_finish_on_device, scale=scale)
+        transform = lambda b: finish(jax.device_put(b, sharding))  # noqa: E731
+    else:
+        transform = lambda b: jax.device_put(finish_batch(b, scale), sharding)  # noqa: E731
+    return Prefetcher(source, transform, prefetch)
+
+
 def heldout_start(cache: ActivationCache, eval_tokens: int) -> int:
     """First held-out token: the last ``eval_tokens`` tokens, moved back to a sequence start.
 
@@ -198,11 +263,7 @@ class Loader:
         prefetch: int = DEFAULT_PREFETCH,
         sharding: jax.sharding.Sharding | None = None,
     ) -> None:
-        unknown = sorted(set(batch_keys) - set(BATCH_KEYS))
-        if unknown or "x" not in batch_keys:
-            raise LoaderError(
-                f"batch keys {list(batch_keys)} unsupported; the loader makes {BATCH_KEYS}"
-            )
+        check_batch_keys(batch_keys)
         if batch_size <= 0 or chunk_tokens <= 0 or buffer_chunks <= 0 or seed < 0:
             raise LoaderError("batch size, chunk tokens and buffer chunks must be > 0, seed >= 0")
         self.cache = cache
@@ -231,17 +292,10 @@ class Loader:
     def batch_size(self) -> int:
         return self.plan.batch_size
 
-    def _finish(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """On the host: storage dtype -> float32, input scale, zero predecessors at starts."""
-        for key in ("x", "x_prev"):
-            if key in batch:
-                values = batch[key].astype(np.float32)
-                if self.scale != 1.0:
-                    values *= np.float32(self.scale)
-                batch[key] = values
-        if "x_prev" in batch:
-            batch["x_prev"][batch["seq_start"]] = 0.0
-        return batch
+    @property
+    def heldout_tokens(self) -> int:
+        """Tokens ``heldout`` yields (the cache's tail)."""
+        return self.cache.n_tokens - self.train_end
 
     def _load_buffer(self, epoch: int, index: int) -> _HostBuffer:
         ids = self.plan.buffer_chunk_ids(epoch)[index]
@@ -264,23 +318,11 @@ class Loader:
 
     def storage_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Endless batches in the cache's storage dtype (``seq_start`` bool) from a step on."""
-        pending: list[dict[str, np.ndarray]] = []
-        need = self.batch_size
-        for buffer, lo, hi in self._buffer_runs(start_step):
-            while lo < hi:
-                take = min(need, hi - lo)
-                pending.append(buffer.take(lo, lo + take))
-                lo, need = lo + take, need - take
-                if need == 0:
-                    if len(pending) == 1:
-                        yield pending[0]
-                    else:
-                        yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-                    pending, need = [], self.batch_size
+        return cut_batches(self._buffer_runs(start_step), self.batch_size)
 
     def host_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Endless float32 numpy batches from ``start_step`` on."""
-        return map(self._finish, self.storage_batches(start_step))
+        return map(partial(finish_batch, scale=self.scale), self.storage_batches(start_step))
 
     def batches(
         self,
@@ -288,22 +330,12 @@ class Loader:
         stop_step: int | None = None,
         convert_on_device: bool | None = None,
     ) -> Prefetcher:
-        """Device batches for steps ``[start_step, stop_step)``, read and put on a thread.
-
-        ``convert_on_device`` (default: on accelerators) transfers the storage dtype and converts
-        there: half the bytes for bfloat16, and the accelerator converts faster than the host.
-        """
+        """Device batches for steps ``[start_step, stop_step)``, read and put on a thread (see
+        ``device_batches``)."""
         source = self.storage_batches(start_step)
         if stop_step is not None:
             source = (b for _, b in zip(range(start_step, stop_step), source, strict=False))
-        if convert_on_device is None:
-            convert_on_device = jax.default_backend() != "cpu"
-        if convert_on_device:
-            finish = partial(_finish_on_device, scale=self.scale)
-            transform = lambda b: finish(jax.device_put(b, self.sharding))  # noqa: E731
-        else:
-            transform = lambda b: jax.device_put(self._finish(b), self.sharding)  # noqa: E731
-        return Prefetcher(source, transform, self.prefetch)
+        return device_batches(source, self.scale, self.sharding, self.prefetch, convert_on_device)
 
     def sample(self, n_tokens: int, windows: int = 16) -> np.ndarray:
         """About ``n_tokens`` scaled training rows from ``windows`` evenly spaced contiguous
@@ -317,7 +349,7 @@ class Loader:
             rows = np.empty((stop - a, self.cache.d_model), self.cache.dtype)
             self._raw.read_into(a, stop, rows)
             parts.append(rows)
-        return self._finish({"x": np.concatenate(parts)})["x"]
+        return finish_batch({"x": np.concatenate(parts)}, self.scale)["x"]
 
     def heldout(self, batch_size: int) -> Iterator[np.ndarray]:
         """The held-out tail in cache order as raw float32 rows (no input scale), in batches."""
@@ -330,7 +362,7 @@ class Loader:
 
 @partial(jax.jit, static_argnames="scale")
 def _finish_on_device(batch: dict[str, jax.Array], scale: float) -> dict[str, jax.Array]:
-    """``Loader._finish`` on the device (same float32 arithmetic, so the same values)."""
+    """``finish_batch`` on the device (same float32 arithmetic, so the same values)."""
     out = dict(batch)
     for key in ("x", "x_prev"):
         if key in out:
