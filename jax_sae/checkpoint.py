@@ -59,6 +59,10 @@ class Checkpoints:
         )
         self._manager.save(step, args=args)
 
+    def wait(self) -> None:
+        """Block until every save so far is committed (durable)."""
+        self._manager.wait_until_finished()
+
     def read_record(self, step: int) -> dict:
         """The JSON record of a checkpoint, without reading its arrays."""
         self._manager.wait_until_finished()

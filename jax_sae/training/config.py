@@ -81,6 +81,15 @@ class TrainConfig:
     (inf: never)"""
     diverge_min_ev: float = MIN_EXPLAINED_VARIANCE
     """mark the run diverged when held-out explained variance ends below this (-inf: never)"""
+    stream: str | None = None
+    """train while an extractor writes --cache: these are its arguments (e.g. "--model
+    google/gemma-2-2b --dataset monology/pile-uncopyrighted --layers 12 --tokens 500M");
+    unset: --cache is a finished cache (docs/scaling.md, Streaming)"""
+    disk_budget: str | None = None
+    """with --stream: the most disk the cache may take (e.g. 40G); the extractor deletes shards
+    the trainer no longer needs to stay within it"""
+    stream_window: int = 4
+    """with --stream: batches mix the tokens of this many consecutive shards"""
     mesh: str | None = None
     """data=N,model=M: split each batch over N devices and the latents over M (jax.sharding;
     N x M = all devices); unset: one device"""
@@ -113,6 +122,10 @@ class TrainConfig:
             raise ConfigError(
                 f"--compute-dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}"
             )
+        if self.disk_budget is not None and self.stream is None:
+            raise ConfigError("--disk-budget bounds a streamed cache: give --stream EXTRACT_ARGS")
+        if self.stream_window < 1:
+            raise ConfigError(f"--stream-window must be >= 1, got {self.stream_window}")
         if not isinstance(self.hparams, dict):
             raise ConfigError(f"hparams must be a mapping KEY: VALUE, got {self.hparams!r}")
         return self

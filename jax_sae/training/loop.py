@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from jax_sae.checkpoint import Checkpoints
 from jax_sae.divergence import DivergenceRule
 from jax_sae.loader import Loader
 from jax_sae.optim import make_schedule
+from jax_sae.stream import StreamingLoader
 from jax_sae.training.engine import Engine, TrainState
 from jax_sae.training.tracking import ExperimentLog
 from jax_sae.variants import Variant
@@ -132,9 +134,12 @@ class GroupRun:
 
     members: list[Member]
     engine: Engine
-    loader: Loader
+    loader: Loader | StreamingLoader
     rule: DivergenceRule
     label: str
+    after_checkpoint: Callable[[int], None] | None = None
+    """Called with a step once every member's checkpoint of it is committed (a stream then
+    releases the shards no later step reads)."""
 
     @property
     def alive(self) -> list[tuple[int, Member]]:
@@ -169,6 +174,10 @@ class GroupRun:
                 "loader_step": done,
             }
             member.checkpoints.save(done, self.engine.member(host, index), record)
+        if self.after_checkpoint is not None:
+            for _, member in self.alive:
+                member.checkpoints.wait()
+            self.after_checkpoint(done)
 
     def _log(self, state, batch, step: int, done: int, window: MetricsWindow, shares_due: bool):
         self._check_finite(window)

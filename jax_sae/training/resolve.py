@@ -3,6 +3,8 @@ defaults, and the resolved ``config.json`` (checked before anything is written).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from jax_sae import runs
 from jax_sae.data import ActivationCache, hook_name
 from jax_sae.defaults import adapt_hparams
 from jax_sae.loader import DEFAULT_BUFFER_CHUNKS, DEFAULT_CHUNK_TOKENS, Loader, norm_scale
+from jax_sae.stream import Producer, StreamCache, StreamingLoader
 from jax_sae.training.config import (
     ConfigError,
     TrainConfig,
@@ -36,7 +39,10 @@ class ResolvedRun:
     out: Path
 
 
-def open_cache(cfg: TrainConfig) -> ActivationCache:
+def open_cache(cfg: TrainConfig, producer: Producer | None = None) -> ActivationCache | StreamCache:
+    """The cache to train on; with ``cfg.stream``, the stream the ``producer`` writes."""
+    if cfg.stream is not None:
+        return StreamCache(cfg.cache, producer)
     cache = ActivationCache(cfg.cache)
     if not cache.complete and not cfg.allow_incomplete:
         raise ConfigError(
@@ -48,26 +54,49 @@ def open_cache(cfg: TrainConfig) -> ActivationCache:
     return cache
 
 
-def eval_tokens_for(cfg: TrainConfig, cache: ActivationCache) -> int:
+def eval_tokens_for(cfg: TrainConfig, cache: ActivationCache | StreamCache) -> int:
     if cfg.eval_tokens is not None:
         return cfg.eval_tokens
+    if isinstance(cache, StreamCache):  # the first shards of the stream, kept to the end
+        return DEFAULT_EVAL_TOKENS
     return min(DEFAULT_EVAL_TOKENS, cache.n_tokens // 10)
 
 
-def make_loader(cfg: TrainConfig, cache: ActivationCache) -> Loader:
+def make_loader(cfg: TrainConfig, cache: ActivationCache | StreamCache) -> Loader | StreamingLoader:
     """The batches of a run (shared by every member of a sweep group)."""
-    return Loader(
-        cache,
-        cfg.layer,
-        batch_size=cfg.batch_size,
-        seed=cfg.batch_seed,
-        eval_tokens=eval_tokens_for(cfg, cache),
-        batch_keys=variant_spec(cfg.variant).batch_keys,
-        scale=norm_scale(cache, cfg.layer) if cfg.normalize else 1.0,
-    )
+    options = {
+        "batch_size": cfg.batch_size,
+        "seed": cfg.batch_seed,
+        "eval_tokens": eval_tokens_for(cfg, cache),
+        "batch_keys": variant_spec(cfg.variant).batch_keys,
+        "scale": norm_scale(cache, cfg.layer) if cfg.normalize else 1.0,
+    }
+    if isinstance(cache, StreamCache):
+        return StreamingLoader(cache, cfg.layer, window=cfg.stream_window, **options)
+    return Loader(cache, cfg.layer, **options)
 
 
-def run_steps(cfg: TrainConfig, loader: Loader) -> int:
+def cache_identity(cache: ActivationCache | StreamCache) -> str:
+    """What the run trains on: a finished cache's manifest (every shard's checksum), or a
+    stream's extraction settings (its manifest grows while the run reads it)."""
+    if isinstance(cache, ActivationCache):
+        return runs.manifest_sha256(cache)
+    manifest = cache.manifest
+    fixed = {k: manifest.get(k) for k in ("settings", "metadata", "layers", "d_model", "dtype")}
+    return "stream:" + hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
+
+
+def run_steps(cfg: TrainConfig, loader: Loader | StreamingLoader) -> int:
+    """--steps, or --tokens in steps, or one epoch; a stream is read once (no epochs)."""
+    if isinstance(loader, StreamingLoader):
+        most = loader.n_train // cfg.batch_size
+        steps = cfg.steps or (cfg.tokens or most * cfg.batch_size) // cfg.batch_size
+        if steps > most:
+            raise ConfigError(
+                f"the stream holds {loader.n_train} training tokens, {most} steps of "
+                f"{cfg.batch_size}: ask for fewer or extract more (--tokens in --stream)"
+            )
+        return steps
     tokens = cfg.tokens or (cfg.steps or 0) * cfg.batch_size or loader.n_train
     return cfg.steps or math.ceil(tokens / cfg.batch_size)
 
@@ -92,7 +121,7 @@ def first_run_length(out: Path, resume: bool) -> int | None:
     return (old.get("extends") or [old])[0].get("steps")
 
 
-def resolve_run(cfg: TrainConfig, loader: Loader, out: Path) -> ResolvedRun:
+def resolve_run(cfg: TrainConfig, loader: Loader | StreamingLoader, out: Path) -> ResolvedRun:
     """The run's variant and config.json; one-line errors for settings that cannot work."""
     cache, steps = loader.cache, run_steps(cfg, loader)
     overrides = dict(cfg.hparams)
@@ -131,7 +160,8 @@ def resolve_run(cfg: TrainConfig, loader: Loader, out: Path) -> ResolvedRun:
         "d_sae": variant.d_sae,
         "layer": cfg.layer,
         "cache": runs.portable_path(cache.path),
-        "cache_manifest_sha256": runs.manifest_sha256(cache),
+        "cache_manifest_sha256": cache_identity(cache),
+        "stream": cfg.stream,
         "cache_complete": cache.complete,
         "model_name": cache_field(cache, "model_name", "model"),
         "hook_name": hook_name(cfg.layer),
@@ -149,7 +179,7 @@ def resolve_run(cfg: TrainConfig, loader: Loader, out: Path) -> ResolvedRun:
         "normalize": cfg.normalize,
         "norm_scale": loader.scale,
         "eval_tokens": eval_tokens,
-        "heldout_tokens": cache.n_tokens - loader.train_end,
+        "heldout_tokens": loader.heldout_tokens,
         "loader": {"chunk_tokens": DEFAULT_CHUNK_TOKENS, "buffer_chunks": DEFAULT_BUFFER_CHUNKS},
         "mesh": cfg.mesh,
         "checkpoint_every": cfg.checkpoint_every,

@@ -11,6 +11,7 @@ folder, a full disk or a diverged run raise the one-line errors of ``ONE_LINE_ER
 from __future__ import annotations
 
 import contextlib
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from jax_sae.divergence import DivergenceRule, zero_reconstruction_loss
 from jax_sae.evaluate import EVAL_BATCH, evaluate
 from jax_sae.loader import Loader, LoaderError
 from jax_sae.parallel import make_mesh, parse_mesh
+from jax_sae.stream import StreamingLoader, start_producer
 from jax_sae.training import sweep as sweeps
 from jax_sae.training.config import RESOLVED_CONFIG, ConfigError, TrainConfig, write_config_file
 from jax_sae.training.engine import (
@@ -63,6 +65,11 @@ ONE_LINE_ERRORS = (
 """Bad input or a stopped run: reported as one ``error:`` line, exit status 2."""
 
 
+AnyLoader = Loader | StreamingLoader
+SHARDS_SEEN = "shards_seen.json"
+"""A streamed run's record of the shards it read, with their checksums."""
+
+
 @dataclass(frozen=True)
 class FinishedRun:
     """A finished run folder and its headline numbers."""
@@ -86,9 +93,22 @@ class Trainer:
                 raise ConfigError(str(error)) from None
 
     def fit(self) -> list[FinishedRun]:
-        """Train (or resume) and finish every run; one FinishedRun per run folder."""
+        """Train (or resume) and finish every run; one FinishedRun per run folder. With
+        ``stream`` the extractor runs beside the training, and is stopped when it ends."""
+        producer = start_producer(self._extract_args()) if self.config.stream else None
+        try:
+            return self._fit(make_loader(self.config, open_cache(self.config, producer)))
+        finally:
+            if producer is not None:
+                producer.stop()
+
+    def _extract_args(self) -> list[str]:
         cfg = self.config
-        loader = make_loader(cfg, open_cache(cfg))
+        budget = [] if cfg.disk_budget is None else ["--disk-budget", cfg.disk_budget]
+        return [*shlex.split(cfg.stream), "--out", cfg.cache, *budget]
+
+    def _fit(self, loader: AnyLoader) -> list[FinishedRun]:
+        cfg = self.config
         if cfg.sweep:
             members = sweeps.expand(cfg, cfg.default_out())
             resolved = [resolve_run(m.settings, loader, Path(m.settings.out)) for m in members]
@@ -160,7 +180,7 @@ class Trainer:
         write_config_file(folder / RESOLVED_CONFIG, self.config.replace(resume=False))
 
     def _train_group(
-        self, group: list[ResolvedRun], loader: Loader, label: str
+        self, group: list[ResolvedRun], loader: AnyLoader, label: str
     ) -> list[FinishedRun]:
         """Train one group together (vmapped when part of a sweep) and finish each member."""
         resume = self.config.resume
@@ -201,14 +221,15 @@ class Trainer:
                 return [r for run in group for r in self._train_group([run], loader, label)]
             for member in members:
                 member.log.truncate_after(start)
-            state = GroupRun(members, engine, loader, rule, label).run(state, start)
+            release = loader.release_before if isinstance(loader, StreamingLoader) else None
+            state = GroupRun(members, engine, loader, rule, label, release).run(state, start)
             return [
                 finish_member(member, engine.member(state, index), loader, rule)
                 for index, member in enumerate(members)
                 if member.failure is None
             ] + [FinishedRun(m.out, runs.DIVERGED, None, None) for m in members if m.failure]
 
-    def _member(self, run: ResolvedRun, config: dict, loader: Loader, stack) -> Member:
+    def _member(self, run: ResolvedRun, config: dict, loader: AnyLoader, stack) -> Member:
         stats = loader.cache.layer_stats(config["layer"])
         zero_loss = zero_reconstruction_loss(
             stats["mean_sq_norm"] * config["norm_scale"] ** 2, run.variant.hparams["recon"]
@@ -270,12 +291,14 @@ def diverged_before(run: ResolvedRun) -> bool:
     return True
 
 
-def first_batch(loader: Loader) -> dict:
+def first_batch(loader: AnyLoader) -> dict:
     with loader.batches(0, 1) as batches:
         return next(batches)
 
 
-def restore_or_init(members: list[Member], loader: Loader, vmapped: bool) -> tuple[TrainState, int]:
+def restore_or_init(
+    members: list[Member], loader: AnyLoader, vmapped: bool
+) -> tuple[TrainState, int]:
     """The group's state at the latest step every member has a checkpoint of (0: fresh)."""
     config = members[0].config
     sample = loader.sample(config["batch_size"])
@@ -332,7 +355,7 @@ def write_final_info(out: Path, config: dict, variant: Any, record: dict, fast_e
 
 
 def finish_member(
-    member: Member, state: TrainState, loader: Loader, rule: DivergenceRule
+    member: Member, state: TrainState, loader: AnyLoader, rule: DivergenceRule
 ) -> FinishedRun:
     """Weights, export info, fast evaluation on the held-out tokens, final_info.json, plots,
     and the final status (diverged when the held-out explained variance says so)."""
@@ -341,6 +364,8 @@ def finish_member(
     record = member.record or member.log.read()[-1]  # a finished run resumed: its last interval
     config = member.config | {"export_info": save_weights(out, variant, params, reg_state)}
     runs.write_json(out / runs.CONFIG, config)
+    if isinstance(loader, StreamingLoader):  # which shards of the stream the run read
+        runs.write_json(out / SHARDS_SEEN, loader.record(config["steps"]))
     results, fast_eval = None, None
     if config["heldout_tokens"]:
         batches = loader.heldout(EVAL_BATCH)
