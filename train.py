@@ -20,6 +20,7 @@ from typing import Annotated
 import tyro
 
 from jax_sae import runs
+from jax_sae.distributed import initialize_from_env
 from jax_sae.training import ONE_LINE_ERRORS, TrainConfig, Trainer
 from jax_sae.training.config import parse_overrides, read_config_file
 from jax_sae.variants import VARIANTS, format_variant_help
@@ -80,6 +81,7 @@ def parse_command(argv: list[str]) -> Command:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        initialize_from_env()  # one process per host (jax_sae.distributed); before any JAX work
         try:
             command = parse_command(argv)
         except SystemExit as exit_:  # --help, or a usage error already printed as one line

@@ -43,7 +43,9 @@ class Checkpoints:
         """Save ``state`` (a pytree of arrays) and ``record`` (JSON) as checkpoint ``step``.
 
         Returns once the arrays are copied off the device; writing to disk finishes in the
-        background (``close()`` waits for it).
+        background (``close()`` waits for it). With several processes every process writes its
+        shards of the global arrays and the call waits for the write: the arrays are the
+        training state itself, whose buffers the next step donates.
         """
         if step in self._manager.all_steps():
             return
@@ -58,6 +60,8 @@ class Checkpoints:
             state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
         )
         self._manager.save(step, args=args)
+        if jax.process_count() > 1:
+            self._manager.wait_until_finished()
 
     def wait(self) -> None:
         """Block until every save so far is committed (durable)."""

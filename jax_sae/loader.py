@@ -14,6 +14,13 @@ Resuming at step ``s`` therefore only locates that position and reads the one bu
 nothing before it is replayed. Every training token is visited exactly once per epoch, and the
 held-out tail is never part of any chunk.
 
+Several processes (``jax_sae.distributed``) share each batch: every process follows the same
+plan, and a loader given ``rows`` gathers, converts and transfers only those rows of every batch,
+which become its part of one global array. Its host buffers still hold whole chunks, the same on
+every process: a batch's rows are spread over the whole buffer, and whole chunks keep the disk
+reads contiguous. So every process reads the whole training part of the cache from disk; the
+gathering, conversion and host-to-device transfer are split between the processes.
+
 For the ``temporal`` variant each chunk read starts one row early, so every token's predecessor
 comes from the same contiguous read; ``x_prev`` is that row (zero where ``seq_start``: the token
 has no predecessor in its sequence). Batches are still mixed across the whole buffer.
@@ -35,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_sae.data import ActivationCache, ShardedArray
+from jax_sae.distributed import global_batch
 
 DEFAULT_CHUNK_TOKENS = 32_768
 DEFAULT_BUFFER_CHUNKS = 8
@@ -69,24 +77,28 @@ def finish_batch(batch: dict[str, np.ndarray], scale: float) -> dict[str, np.nda
 
 
 def cut_batches(
-    runs: Iterator[tuple[Any, int, int]], batch_size: int
+    runs: Iterator[tuple[Any, int, int]], batch_size: int, rows: slice | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of ``batch_size`` rows from ``(buffer, lo, hi)`` runs: rows ``[lo, hi)`` of each
     buffer's visit order (``buffer.take``), a batch spanning buffers where one ends; a last
-    partial batch is dropped."""
+    partial batch is dropped. With ``rows`` only those rows of each batch are taken (the ones a
+    process of a multi-host run puts on its devices)."""
+    rows = rows or slice(0, batch_size)
     pending: list[dict[str, np.ndarray]] = []
-    need = batch_size
+    filled = 0  # rows of the current batch passed so far
     for buffer, lo, hi in runs:
         while lo < hi:
-            take = min(need, hi - lo)
-            pending.append(buffer.take(lo, lo + take))
-            lo, need = lo + take, need - take
-            if need == 0:
+            take = min(batch_size - filled, hi - lo)
+            first, stop = max(filled, rows.start), min(filled + take, rows.stop)
+            if first < stop:
+                pending.append(buffer.take(lo + first - filled, lo + stop - filled))
+            lo, filled = lo + take, filled + take
+            if filled == batch_size:
                 if len(pending) == 1:
                     yield pending[0]
                 else:
                     yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-                pending, need = [], batch_size
+                pending, filled = [], 0
 
 
 def device_batches(
@@ -95,19 +107,25 @@ def device_batches(
     sharding: jax.sharding.Sharding | None,
     prefetch: int,
     convert_on_device: bool | None = None,
+    per_process: bool = False,
 ) -> Prefetcher:
     """Storage-dtype batches finished and put on the device on a thread, ``prefetch`` ahead.
 
     ``convert_on_device`` (default: on accelerators) transfers the storage dtype and converts
     there: half the bytes for bfloat16, and the accelerator converts faster than the host.
+    ``per_process``: each batch holds this process's rows of a global batch of ``sharding``.
     """
     if convert_on_device is None:
         convert_on_device = jax.default_backend() != "cpu"
+    if per_process:
+        place = partial(global_batch, sharding=sharding)
+    else:
+        place = partial(jax.device_put, device=sharding)
     if convert_on_device:
         finish = partial(_finish_on_device, scale=scale)
-        transform = lambda b: finish(jax.device_put(b, sharding))  # noqa: E731
+        transform = lambda b: finish(place(b))  # noqa: E731
     else:
-        transform = lambda b: jax.device_put(finish_batch(b, scale), sharding)  # noqa: E731
+        transform = lambda b: place(finish_batch(b, scale))  # noqa: E731
     return Prefetcher(source, transform, prefetch)
 
 
@@ -262,6 +280,7 @@ class Loader:
         buffer_chunks: int = DEFAULT_BUFFER_CHUNKS,
         prefetch: int = DEFAULT_PREFETCH,
         sharding: jax.sharding.Sharding | None = None,
+        rows: slice | None = None,
     ) -> None:
         check_batch_keys(batch_keys)
         if batch_size <= 0 or chunk_tokens <= 0 or buffer_chunks <= 0 or seed < 0:
@@ -271,6 +290,7 @@ class Loader:
         self.scale = float(scale)
         self.prefetch = prefetch
         self.sharding = sharding
+        self.rows = rows
         # storage dtype; each shard's checksum is checked on its first read (helper thread)
         self._raw = cache.raw_acts(layer)  # raises CacheError naming the available layers
         self.train_end = heldout_start(cache, eval_tokens)
@@ -282,6 +302,10 @@ class Loader:
             raise LoaderError(
                 f"only {self.plan.n_train} training tokens in {cache.path} for batch size "
                 f"{batch_size}; lower --batch-size or --eval-tokens, or extract more tokens"
+            )
+        if rows is not None and (sharding is None or not 0 <= rows.start < rows.stop <= batch_size):
+            raise LoaderError(
+                f"rows {rows} must lie in a batch of {batch_size} and come with a sharding"
             )
 
     @property
@@ -317,8 +341,9 @@ class Loader:
                 lo, hi = following[2:]
 
     def storage_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Endless batches in the cache's storage dtype (``seq_start`` bool) from a step on."""
-        return cut_batches(self._buffer_runs(start_step), self.batch_size)
+        """Endless batches in the cache's storage dtype (``seq_start`` bool) from a step on;
+        only the loader's ``rows`` of each when it has them."""
+        return cut_batches(self._buffer_runs(start_step), self.batch_size, self.rows)
 
     def host_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Endless float32 numpy batches from ``start_step`` on."""
@@ -331,11 +356,19 @@ class Loader:
         convert_on_device: bool | None = None,
     ) -> Prefetcher:
         """Device batches for steps ``[start_step, stop_step)``, read and put on a thread (see
-        ``device_batches``)."""
+        ``device_batches``). With ``rows``, each batch is the global array of ``sharding`` made
+        of every process's rows."""
         source = self.storage_batches(start_step)
         if stop_step is not None:
             source = (b for _, b in zip(range(start_step, stop_step), source, strict=False))
-        return device_batches(source, self.scale, self.sharding, self.prefetch, convert_on_device)
+        return device_batches(
+            source,
+            self.scale,
+            self.sharding,
+            self.prefetch,
+            convert_on_device,
+            per_process=self.rows is not None,
+        )
 
     def sample(self, n_tokens: int, windows: int = 16) -> np.ndarray:
         """About ``n_tokens`` scaled training rows from ``windows`` evenly spaced contiguous

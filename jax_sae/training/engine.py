@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jax_sae.diagnostics import grad_shares_body
 from jax_sae.optim import make_optimizer
@@ -94,7 +95,8 @@ class Engine:
     step: Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
     grad_shares: Callable[[TrainState, dict, jax.Array], dict]
     place: Callable[[TrainState], TrainState]
-    """Put a state where the step wants it: onto the mesh's layout (identity on one device)."""
+    """Put a state where the step wants it: onto the mesh's layout (identity on one device), as
+    global arrays when the mesh spans several processes."""
     size: int
     vmapped: bool
 
@@ -144,8 +146,12 @@ def make_engine(
         jitted_step = shard_train_step(body, mesh, layout, batch_size)
 
         def place(state: TrainState) -> TrainState:
+            if jax.process_count() > 1:  # jax 0.10.2: a device array put onto several
+                state = jax.device_get(state)  # processes has shards orbax cannot read
             placed = jax.device_put(tuple(state[k] for k in keys), layout)
-            return state | dict(zip(keys, placed, strict=True))
+            rest = {k: v for k, v in state.items() if k not in keys}  # the RNG key: replicated
+            rest = jax.device_put(rest, NamedSharding(mesh, P()))
+            return rest | dict(zip(keys, placed, strict=True))
 
     def step(state: TrainState, batch: dict, index: jax.Array) -> tuple[TrainState, dict]:
         params, opt_state, reg_state, metrics = jitted_step(

@@ -4,7 +4,8 @@ Every member has its own run folder, metrics log and checkpoints; the group shar
 and one compiled step (``jax_sae.training.engine``). Metrics are summed on the device and
 fetched every ``log_every`` steps. A member whose loss turns non-finite or blows up is marked
 diverged and no longer saved; the group stops (TrainingError, last good checkpoint kept) when
-no member is left.
+no member is left. With several processes the metrics are replicated, so every process takes
+the same decisions; only the primary logs them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from jax_sae import runs
 from jax_sae.checkpoint import Checkpoints
+from jax_sae.distributed import is_primary
 from jax_sae.divergence import DivergenceRule
 from jax_sae.loader import Loader
 from jax_sae.optim import make_schedule
@@ -48,7 +50,7 @@ class Member:
     out: Path
     config: dict[str, Any]
     variant: Variant
-    log: ExperimentLog
+    log: ExperimentLog | None  # None on processes other than the primary
     checkpoints: Checkpoints
     zero_loss: float
     failure: str | None = None
@@ -118,13 +120,15 @@ class MetricsWindow:
 
 def host_copy(tree: Any) -> Any:
     """Owned numpy copies: the step donates its inputs, so a background checkpoint write must
-    not read device buffers that the next step reuses."""
-    return jax.tree.map(np.array, tree)
+    not read device buffers that the next step reuses. With several processes the global arrays
+    themselves (numpy cannot hold another process's shards; ``Checkpoints.save`` then waits)."""
+    return jax.tree.map(np.array, tree) if jax.process_count() == 1 else tree
 
 
 def mark_diverged(member: Member, message: str) -> None:
     """Mark the member diverged (the exporter then refuses it); it is no longer saved."""
-    runs.write_status(member.out, runs.DIVERGED, reason=message)
+    if is_primary():
+        runs.write_status(member.out, runs.DIVERGED, reason=message)
     member.failure = message
 
 
@@ -189,7 +193,8 @@ class GroupRun:
             if shares:
                 member.shares = {k: float(np.atleast_1d(v)[index]) for k, v in shares.items()}
                 record |= member.shares
-            member.log.append(record)
+            if member.log is not None:
+                member.log.append(record)
             member.record = record
             reason = self.rule.loss_reason(record, member.zero_loss)
             if reason is not None:
@@ -206,7 +211,14 @@ class GroupRun:
         steps, log_every = config["steps"], config["log_every"]
         shares_every = log_every * max(1, steps // log_every // GRAD_SHARE_POINTS)
         window = MetricsWindow(config["batch_size"], start)
-        bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, desc=self.label)
+        bar = tqdm(
+            total=steps,
+            initial=start,
+            unit="step",
+            dynamic_ncols=True,
+            desc=self.label,
+            disable=not is_primary(),
+        )
         with bar, self.loader.batches(start, steps) as batches:
             done, in_flight = start, None
             try:

@@ -11,15 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jax.sharding import Sharding
+
 from jax_sae import runs
 from jax_sae.data import ActivationCache, hook_name
 from jax_sae.defaults import adapt_hparams
 from jax_sae.loader import DEFAULT_BUFFER_CHUNKS, DEFAULT_CHUNK_TOKENS, Loader, norm_scale
 from jax_sae.stream import Producer, StreamCache, StreamingLoader
 from jax_sae.training.config import (
+    RESOLVED_CONFIG,
     ConfigError,
     TrainConfig,
     default_log_every,
+    write_config_file,
 )
 from jax_sae.training.engine import optimizer_for
 from jax_sae.variants import Variant, make_variant, variant_spec
@@ -62,18 +66,27 @@ def eval_tokens_for(cfg: TrainConfig, cache: ActivationCache | StreamCache) -> i
     return min(DEFAULT_EVAL_TOKENS, cache.n_tokens // 10)
 
 
-def make_loader(cfg: TrainConfig, cache: ActivationCache | StreamCache) -> Loader | StreamingLoader:
-    """The batches of a run (shared by every member of a sweep group)."""
+def make_loader(
+    cfg: TrainConfig,
+    cache: ActivationCache | StreamCache,
+    sharding: Sharding | None = None,
+    rows: slice | None = None,
+) -> Loader | StreamingLoader:
+    """The batches of a run (shared by every member of a sweep group); with ``rows`` this
+    process's rows of each, as part of global arrays of ``sharding`` (several processes)."""
     options = {
         "batch_size": cfg.batch_size,
         "seed": cfg.batch_seed,
         "eval_tokens": eval_tokens_for(cfg, cache),
         "batch_keys": variant_spec(cfg.variant).batch_keys,
         "scale": norm_scale(cache, cfg.layer) if cfg.normalize else 1.0,
+        "sharding": sharding,
     }
     if isinstance(cache, StreamCache):
+        if rows is not None:
+            raise ConfigError("--stream runs in one process; multi-host training needs a cache")
         return StreamingLoader(cache, cfg.layer, window=cfg.stream_window, **options)
-    return Loader(cache, cfg.layer, **options)
+    return Loader(cache, cfg.layer, rows=rows, **options)
 
 
 def cache_identity(cache: ActivationCache | StreamCache) -> str:
@@ -194,9 +207,9 @@ def resolve_run(cfg: TrainConfig, loader: Loader | StreamingLoader, out: Path) -
     return ResolvedRun(settings, config, variant, out)
 
 
-def prepare_run_dir(out: Path, config: dict, resume: bool) -> dict:
-    """Create the run folder, or check that ``--resume`` continues (or extends) the same
-    experiment; returns the config to record, marked running."""
+def run_dir_config(out: Path, config: dict, resume: bool) -> dict:
+    """The config to record in the run folder, after checking (reading only) that the folder is
+    new or that ``--resume`` continues (or extends) the same experiment."""
     config_file = out / runs.CONFIG
     if not resume and runs.has_progress(out):
         raise ConfigError(
@@ -204,10 +217,15 @@ def prepare_run_dir(out: Path, config: dict, resume: bool) -> dict:
         )
     if resume and config_file.exists():
         config = continued_config(out, runs.read_json(config_file), config)
-    out.mkdir(parents=True, exist_ok=True)
-    runs.write_json(config_file, config)
-    runs.write_status(out, runs.RUNNING)
     return config
+
+
+def start_run_dir(run: ResolvedRun, config: dict) -> None:
+    """Create the run folder with config.json, a running status and train_config.yaml."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    runs.write_json(run.out / runs.CONFIG, config)
+    runs.write_status(run.out, runs.RUNNING)
+    write_config_file(run.out / RESOLVED_CONFIG, run.settings)
 
 
 def continued_config(out: Path, old: dict, new: dict) -> dict:

@@ -4,8 +4,11 @@ folders (see ``jax_sae.runs`` for the folder layout).
 A run folder holds config.json (resolved settings, versions, cache hash), train_config.yaml
 (the resolved TrainConfig), metrics.jsonl, checkpoints/, and at the end sae_params.safetensors,
 final_info.json (with the fast evaluation on held-out cached tokens) and plots/. A killed run
-or sweep continues bit for bit with ``resume=True``. Bad settings, a damaged cache, a busy
-folder, a full disk or a diverged run raise the one-line errors of ``ONE_LINE_ERRORS``.
+or sweep continues bit for bit with ``resume=True``. Under ``jax.distributed`` (one process per
+host, ``jax_sae.distributed``) the mesh spans every process, each reads its own rows of every
+batch, all write the checkpoints together, and process 0 alone writes the other files. Bad
+settings, a damaged cache, a busy folder, a full disk or a diverged run raise the one-line
+errors of ``ONE_LINE_ERRORS``.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from jax_sae import compare, plots, runs
 from jax_sae.checkpoint import CheckpointError, Checkpoints
 from jax_sae.data import CacheError
 from jax_sae.disk import DiskFullError, disk_full_error, is_disk_full, quiet_disk_full_in_threads
+from jax_sae.distributed import DistributedError, host_value, local_rows, primary_only
 from jax_sae.divergence import DivergenceRule, zero_reconstruction_loss
 from jax_sae.evaluate import EVAL_BATCH, evaluate
 from jax_sae.loader import Loader, LoaderError
-from jax_sae.parallel import make_mesh, parse_mesh
-from jax_sae.stream import StreamingLoader, start_producer
+from jax_sae.parallel import batch_sharding, make_mesh, parse_mesh
+from jax_sae.stream import Producer, StreamingLoader, start_producer
 from jax_sae.training import sweep as sweeps
 from jax_sae.training.config import RESOLVED_CONFIG, ConfigError, TrainConfig, write_config_file
 from jax_sae.training.engine import (
@@ -46,8 +50,9 @@ from jax_sae.training.resolve import (
     ResolvedRun,
     make_loader,
     open_cache,
-    prepare_run_dir,
     resolve_run,
+    run_dir_config,
+    start_run_dir,
 )
 from jax_sae.training.tracking import ExperimentLog
 from jax_sae.variants import VariantError
@@ -61,6 +66,7 @@ ONE_LINE_ERRORS = (
     TrainingError,
     runs.RunFolderError,
     DiskFullError,
+    DistributedError,
 )
 """Bad input or a stopped run: reported as one ``error:`` line, exit status 2."""
 
@@ -84,6 +90,8 @@ class Trainer:
     """Trains what a TrainConfig describes: one run, or every member of its ``sweep``."""
 
     def __init__(self, config: TrainConfig) -> None:
+        if config.mesh is None and jax.process_count() > 1:  # data parallel over the processes
+            config = config.replace(mesh=f"data={jax.device_count()}")
         self.config = config.checked()
         self.mesh = None
         if config.mesh is not None:
@@ -92,12 +100,24 @@ class Trainer:
             except ValueError as error:
                 raise ConfigError(str(error)) from None
 
+    def _loader(self, producer: Producer | None) -> AnyLoader:
+        """The run's batches; with several processes, this process's rows of each."""
+        cfg = self.config
+        cache = open_cache(cfg, producer)
+        if jax.process_count() == 1:
+            return make_loader(cfg, cache)
+        try:
+            sharding = batch_sharding(self.mesh, cfg.batch_size)
+        except ValueError as error:
+            raise ConfigError(f"--mesh {cfg.mesh}: {error}") from None
+        return make_loader(cfg, cache, sharding, local_rows(sharding, cfg.batch_size))
+
     def fit(self) -> list[FinishedRun]:
         """Train (or resume) and finish every run; one FinishedRun per run folder. With
         ``stream`` the extractor runs beside the training, and is stopped when it ends."""
         producer = start_producer(self._extract_args()) if self.config.stream else None
         try:
-            return self._fit(make_loader(self.config, open_cache(self.config, producer)))
+            return self._fit(self._loader(producer))
         finally:
             if producer is not None:
                 producer.stop()
@@ -127,18 +147,19 @@ class Trainer:
         folders = [cfg.default_out()] if cfg.sweep else []
         with contextlib.ExitStack() as stack:
             for folder in [*folders, *(run.out for run in resolved)]:
-                stack.enter_context(locked(folder))
+                primary_only(lambda folder=folder: stack.enter_context(locked(folder)))
             quiet_disk_full_in_threads()
             try:
                 if cfg.sweep:
-                    self._write_sweep(members, groups)
+                    primary_only(lambda: self._write_sweep(members, groups))
                 finished = []
                 for number, group in enumerate(groups, 1):
                     runs_in_group = [resolved[i] for i in group]
                     label = self._label(runs_in_group, number, len(groups))
                     finished += self._train_group(runs_in_group, loader, label)
                 if cfg.sweep:
-                    compare.write_sweep_report(cfg.default_out(), [run.out for run in resolved])
+                    outs = [run.out for run in resolved]
+                    primary_only(lambda: compare.write_sweep_report(cfg.default_out(), outs))
             except ONE_LINE_ERRORS:
                 raise
             except Exception as error:
@@ -192,8 +213,8 @@ class Trainer:
         with contextlib.ExitStack() as stack:
             members = []
             for run in group:
-                config = prepare_run_dir(run.out, run.config, resume)
-                write_config_file(run.out / RESOLVED_CONFIG, run.settings)
+                config = run_dir_config(run.out, run.config, resume)
+                primary_only(lambda run=run, config=config: start_run_dir(run, config))
                 members.append(self._member(run, config, loader, stack))
             vmapped = bool(self.config.sweep)
             state, start = restore_or_init(members, loader, vmapped)
@@ -220,7 +241,8 @@ class Trainer:
                 stack.close()
                 return [r for run in group for r in self._train_group([run], loader, label)]
             for member in members:
-                member.log.truncate_after(start)
+                if member.log is not None:
+                    member.log.truncate_after(start)
             release = loader.release_before if isinstance(loader, StreamingLoader) else None
             state = GroupRun(members, engine, loader, rule, label, release).run(state, start)
             return [
@@ -235,9 +257,16 @@ class Trainer:
             stats["mean_sq_norm"] * config["norm_scale"] ** 2, run.variant.hparams["recon"]
         )
         name = f"{run.out.parent.name}/{run.out.name}" if self.config.sweep else run.out.name
+        log = primary_only(lambda: self._log(run.out, config, name, stack))
+        checkpoints = stack.enter_context(Checkpoints(run.out / "checkpoints"))
+        return Member(name, run.out, config, run.variant, log, checkpoints, zero_loss)
+
+    def _log(
+        self, out: Path, config: dict, name: str, stack: contextlib.ExitStack
+    ) -> ExperimentLog:
         try:
             log = ExperimentLog(
-                run.out,
+                out,
                 config,
                 name=name,
                 tensorboard=self.config.tensorboard,
@@ -245,9 +274,7 @@ class Trainer:
             )
         except ValueError as error:  # a tracker that is not installed
             raise ConfigError(str(error)) from None
-        stack.enter_context(log)
-        checkpoints = stack.enter_context(Checkpoints(run.out / "checkpoints"))
-        return Member(name, run.out, config, run.variant, log, checkpoints, zero_loss)
+        return stack.enter_context(log)
 
 
 def announce(resolved: list[ResolvedRun]) -> None:
@@ -357,10 +384,19 @@ def write_final_info(out: Path, config: dict, variant: Any, record: dict, fast_e
 def finish_member(
     member: Member, state: TrainState, loader: AnyLoader, rule: DivergenceRule
 ) -> FinishedRun:
+    """The member's final files, written by the primary process (the others return the status
+    it wrote, and raise when it raises)."""
+    params, reg_state = host_value(state["params"]), host_value(state["reg_state"])
+    finished = primary_only(lambda: write_outputs(member, params, reg_state, loader, rule))
+    return finished or FinishedRun(member.out, runs.read_status(member.out)["state"], None, None)
+
+
+def write_outputs(
+    member: Member, params: Any, reg_state: Any, loader: AnyLoader, rule: DivergenceRule
+) -> FinishedRun:
     """Weights, export info, fast evaluation on the held-out tokens, final_info.json, plots,
     and the final status (diverged when the held-out explained variance says so)."""
     out, variant = member.out, member.variant
-    params, reg_state = jax.device_get(state["params"]), jax.device_get(state["reg_state"])
     record = member.record or member.log.read()[-1]  # a finished run resumed: its last interval
     config = member.config | {"export_info": save_weights(out, variant, params, reg_state)}
     runs.write_json(out / runs.CONFIG, config)
