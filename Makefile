@@ -83,7 +83,7 @@ train: setup
 	@test -n "$(CACHE)" || { echo "error: set CACHE=activations_cache/<run> (made by make extract)" >&2; exit 2; }
 	$(PY) train.py --cache $(CACHE) --layer $(LAYER) --variant $(VARIANT) \
 		$(if $(STEPS),--steps $(STEPS)) $(foreach kv,$(SET),--set $(kv)) $(foreach kv,$(SWEEP),--sweep $(kv)) \
-		$(if $(STREAM),--stream "--model $(MODEL) --dataset $(DATASET) --layers $(LAYERS) \
+		$(if $(STREAM),--stream="--model $(MODEL) --dataset $(DATASET) --layers $(LAYERS) \
 		--tokens $(TOKENS) --ctx-len $(CTX) --dtype $(DTYPE) --batch-size $(BATCH)") \
 		$(if $(DISK_BUDGET),--disk-budget $(DISK_BUDGET)) $(if $(OUT),--out $(OUT)) $(TRAIN_FLAGS) --resume
 
