@@ -72,3 +72,10 @@ def test_killed_streamed_run_resumes_to_the_same_weights(
 def test_disk_budget_without_a_stream_is_one_line(capsys):
     assert train.main(["--cache", "c", "--layer", "2", "--variant", "topk", "--disk-budget", "1G"])
     assert "--disk-budget bounds a streamed cache" in capsys.readouterr().err
+
+
+def test_streamed_sweep_over_sizes_is_refused(tiny_model_dir, tiny_corpus, tmp_path, capsys):
+    """Groups train one after the other, but a stream is read once: refused, in one line."""
+    args = argv(tiny_model_dir, tiny_corpus, tmp_path / "c", tmp_path / "run", True)
+    assert train.main([*args, "--sweep", "d_sae=64,128"]) == 2
+    assert "a stream is read once" in capsys.readouterr().err

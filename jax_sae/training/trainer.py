@@ -139,6 +139,11 @@ class Trainer:
                     "swept": member.swept,
                 }
             groups = sweeps.group_indices(resolved)
+            if isinstance(loader, StreamingLoader) and len(groups) > 1:
+                raise ConfigError(
+                    "a stream is read once, so a streamed sweep must train in one vmapped group; "
+                    "sweep only floats and seeds here, or sweep sizes over a finished cache"
+                )
         else:
             resolved = [resolve_run(cfg, loader, cfg.default_out())]
             members, groups = [], [[0]]
@@ -233,6 +238,11 @@ class Trainer:
             state = engine.place(state)
             if len(members) > 1 and (reason := traceable(engine, state, first_batch(loader))):
                 names = ", ".join(differing_hparams([m.variant for m in members]))
+                if isinstance(loader, StreamingLoader):
+                    raise ConfigError(
+                        f"{names} cannot vary inside one vmapped step ({reason}), and a stream "
+                        "is read once: sweep it over a finished cache"
+                    )
                 print(
                     f"note: {names} cannot vary inside one vmapped step ({reason}); "
                     "these members train one after the other",
