@@ -36,6 +36,14 @@ VARIANTS = {
     "temporal": {},
 }
 MESHES = {"4x1": (4, 1), "2x2": (2, 2), "1x4": (1, 4)}
+OTHER_VARIANTS = {
+    "batchtopk": {"k": 8},
+    "jumprelu": {},
+    "freq": {},
+    "pair_ortho": {},
+    "two_level": {},
+}
+"""Every other variant, on the 2 x 2 mesh only (it splits both axes)."""
 
 
 def batches(keys: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
@@ -76,14 +84,14 @@ def layouts_kept(state, shardings) -> bool:
     return all(leaf.sharding.is_equivalent_to(s, leaf.ndim) for leaf, s in pairs)
 
 
-def meshes_vs_one_device(arrays: dict, facts: dict) -> None:
-    for name, hparams in VARIANTS.items():
+def meshes_vs_one_device(arrays: dict, facts: dict, variants: dict, meshes: tuple) -> None:
+    for name, hparams in variants.items():
         variant = make_variant(name, D_IN, D_SAE, **hparams)
         opt = make_optimizer(lr=1e-3, warmup_steps=2)
         data = batches(variant.batch_keys)
         step_fn = make_train_step(variant, opt)
         arrays |= flat(f"{name}/1", train(step_fn, initial(variant, opt, 0, data[0]["x"]), data))
-        for mesh_name in MESHES:
+        for mesh_name in meshes:
             mesh = mesh_of(mesh_name)
             state = initial(variant, opt, 0, data[0]["x"])
             shardings = parallel.state_shardings(mesh, state, D_SAE)
@@ -157,7 +165,8 @@ def checkpoint_across_meshes(arrays: dict, facts: dict, directory: Path) -> None
 def main(out: Path) -> None:
     arrays: dict[str, np.ndarray] = {}
     facts: dict = {"devices": jax.device_count()}
-    meshes_vs_one_device(arrays, facts)
+    meshes_vs_one_device(arrays, facts, VARIANTS, tuple(MESHES))
+    meshes_vs_one_device(arrays, facts, OTHER_VARIANTS, ("2x2",))
     sweep(arrays)
     top_k(arrays)
     gathers_all_codes(facts)

@@ -150,6 +150,13 @@ def test_mesh_gives_the_weights_of_one_device(runs, variant, mesh):
     assert facts[f"layouts_kept/{variant}/{mesh}"]
 
 
+@pytest.mark.parametrize("variant", ["batchtopk", "jumprelu", "freq", "pair_ortho", "two_level"])
+def test_every_other_variant_on_2x2_gives_the_weights_of_one_device(runs, variant):
+    arrays, facts = runs
+    assert_same_state(run_of(arrays, f"{variant}/2x2"), run_of(arrays, f"{variant}/1"))
+    assert facts[f"layouts_kept/{variant}/2x2"]
+
+
 def test_sweep_members_sharded_like_unsharded(runs):
     arrays, _ = runs
     expected = run_of(arrays, "sweep/1")
