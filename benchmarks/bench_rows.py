@@ -22,7 +22,7 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_sweep import write_cache  # noqa: E402
+from benchmarks.bench_verify import write_cache  # noqa: E402
 from jax_sae.data import ActivationCache  # noqa: E402
 from jax_sae.loader import Loader  # noqa: E402
 

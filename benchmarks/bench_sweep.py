@@ -30,31 +30,16 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jax_sae.data import CacheWriter  # noqa: E402
+from benchmarks.bench_verify import write_cache  # noqa: E402
 from jax_sae.training import TrainConfig, Trainer  # noqa: E402
 from jax_sae.training.engine import initial_state, make_engine, stack_members  # noqa: E402
 from jax_sae.training.resolve import make_loader, open_cache, resolve_run  # noqa: E402
 
-SHARD_TOKENS = 65_536
 BATCH = 2048
 LAMBDAS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
-
-
-def write_cache(path: Path, d: int, tokens: int) -> Path:
-    rng = np.random.default_rng(0)
-    writer = CacheWriter(
-        path, layers=[0], d_model=d, dtype="bfloat16", settings={}, metadata={"model": "bench"}
-    )
-    for start in range(0, tokens, SHARD_TOKENS):
-        n = min(SHARD_TOKENS, tokens - start)
-        positions = np.arange(n) % 128 + 1
-        writer.write_shard({0: rng.normal(size=(n, d)).astype(np.float32)}, positions, positions, 1)
-    writer.finish()
-    return path
 
 
 def base_config(cache: Path, d_sae: int, steps: int, out: Path) -> TrainConfig:
