@@ -25,8 +25,8 @@ import tyro
 import yaml
 
 from jax_sae.divergence import LOSS_BLOWUP_FACTOR, MIN_EXPLAINED_VARIANCE
+from jax_sae.training.engine import COMPUTE_DTYPES
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
 RESOLVED_CONFIG = "train_config.yaml"
 """The resolved TrainConfig kept in every run folder (``--config`` of it repeats the run)."""
