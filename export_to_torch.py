@@ -4,7 +4,9 @@
 
 Refuses a run whose `status.json` says it diverged or has not finished (still training,
 interrupted, being extended) unless `--force` is given. `--replace` replaces an earlier export
-of a finished run (what `make export-eval` passes); `--force` also does.
+of the same run (what `make export-eval` passes); `--force` also does. Neither ever replaces a
+folder this exporter did not write: not the run folder or a folder holding it, not another run's
+export, not a folder holding any file an export does not write (the refusal deletes nothing).
 
 Reads `RUN_DIR/config.json` and `RUN_DIR/sae_params.safetensors` (float32, SAELens names, the
 un-folded trained weights) and writes `RUN_DIR/saelens/` (`cfg.json` + `sae_weights.safetensors`),
@@ -76,6 +78,7 @@ TENSORS_OF_ARCHITECTURE = {
 }
 # Encoders whose winners are chosen by ranking pre-activations: a per-latent rescale is not exact.
 RANKING_ARCHITECTURES = ("topk", "two_level")
+EXPORTED_FROM = "exported_from"  # cfg.json metadata: the run an export came from
 UNIT_NORM_ATOL = 1e-4  # float32 renormalisation leaves ~1e-7; more means rows were not normalised
 
 
@@ -358,12 +361,11 @@ def export_run(
 ) -> Path:
     """Write the SAELens export of `run_dir` to `out` (default `run_dir/saelens`); returns `out`.
 
-    `replace` allows replacing an existing `out`; `force` also allows exporting a run that
-    diverged or has not finished."""
+    `replace` allows replacing an existing `out`, but only an earlier export of this same run
+    (`replaceable_export`); `force` also allows exporting a diverged or unfinished run."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / EXPORT_DIR
-    if out.exists() and not (force or replace):
-        raise ExportError(f"{out} already exists; pass --replace to replace it")
+    check_out_folder(run_dir, out, replace=force or replace)
     problem = status_problem(run_dir)
     if problem is not None and not force:
         raise ExportError(f"{problem}; pass --force to export its weights anyway")
@@ -378,6 +380,7 @@ def export_run(
     arrays = fold_input_scale(arrays, float(config.get("norm_scale", 1.0)))
     arrays = unit_norm_decoder(arrays, architecture)
     cfg = saelens_config(config, architecture, d_in, d_sae)
+    cfg["metadata"][EXPORTED_FROM] = source_of(run_dir, config)
     if architecture == "two_level":
         # the loader gets the joint code size; SAEBench sizes its per-latent metrics by d_sae
         cfg |= {"d_sae": d_sae + arrays["b_enc_c"].shape[0], "d_base": d_sae}
@@ -392,30 +395,119 @@ def export_run(
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# which folders the exporter may replace
+# ------------------------------------------------------------------------------------------------
+
+
+def source_of(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the run an export came from: its folder and its config hash."""
+    return {"run": str(run_dir.resolve()), "config_hash": config.get("config_hash")}
+
+
+def replaceable_export(run_dir: Path, out: Path) -> str | None:
+    """Why the existing `out` must not be replaced, or None when it is an earlier export of
+    `run_dir`: a plain folder holding only export files, whose `cfg.json` names this exporter
+    and this run. The run's own `saelens/` folder from before exports recorded their source
+    counts as this run's. An empty folder holds nothing to lose."""
+    if out.is_symlink() or not out.is_dir():
+        return f"{out} exists and is not a folder"
+    contents = {p.name for p in out.iterdir()}
+    if not contents:
+        return None
+    foreign = sorted(contents - {EXPORT_CONFIG, EXPORT_WEIGHTS})
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        return f"{out} holds files that no export writes ({shown})"
+    try:
+        metadata = json.loads((out / EXPORT_CONFIG).read_text()).get("metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return f"{out} has no readable {EXPORT_CONFIG}, so it is not an export of this project"
+    if metadata.get("trained_with") != "jax-sae-lab":
+        return f"{out} is not an export written by this project"
+    recorded = metadata.get(EXPORTED_FROM)
+    if recorded is None:
+        if out.resolve() == (run_dir / EXPORT_DIR).resolve():
+            return None
+        return f"{out} is an export that does not record its run"
+    ours = source_of(run_dir, _read_config_or_empty(run_dir))
+    same_hash = (
+        ours["config_hash"] is not None and recorded.get("config_hash") == ours["config_hash"]
+    )
+    if same_hash or recorded.get("run") == ours["run"]:
+        return None
+    return f"{out} is the export of another run ({recorded.get('run')})"
+
+
+def _read_config_or_empty(run_dir: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((run_dir / RUN_CONFIG).read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def check_out_folder(run_dir: Path, out: Path, replace: bool) -> None:
+    """Refuse an `out` that is the run, holds the run, or exists and may not be replaced."""
+    run_abs, out_abs = run_dir.resolve(), out.resolve()
+    if out_abs == run_abs or out_abs in run_abs.parents:
+        raise ExportError(
+            f"--out {out} would replace the run folder {run_dir} (or a folder holding it); "
+            f"choose a new folder, e.g. the default {run_dir / EXPORT_DIR}"
+        )
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not replace:
+        raise ExportError(f"{out} already exists; pass --replace to replace it")
+    why_not = replaceable_export(run_dir, out)
+    if why_not is not None:
+        raise ExportError(
+            f"{why_not}; --replace only replaces an earlier export of this run - "
+            "choose another --out (nothing was deleted)"
+        )
+
+
 def _write_atomically(out: Path, cfg: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    """Write into a sibling temp folder, then swap it in: an old export survives any failure."""
+    """Write into a sibling temp folder, then swap it in: an old export survives any failure.
+
+    Only folders this call creates are removed: the temp folder, and the holder that the old
+    export (already checked by `check_out_folder`) is moved into before it is deleted."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new.", dir=out.parent))
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp / EXPORT_WEIGHTS)
         (tmp / EXPORT_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+        _apply_umask(tmp)
         if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
+            holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, holder / out.name)
             os.replace(tmp, out)
-            shutil.rmtree(old)
+            shutil.rmtree(holder)
         else:
             os.replace(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give the export the permissions of any folder the user makes (mkdtemp makes it 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for file in folder.iterdir():
+        file.chmod(0o666 & ~umask)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="run folder written by train.py")
     parser.add_argument("--out", type=Path, help=f"export folder (default RUN_DIR/{EXPORT_DIR})")
-    parser.add_argument("--replace", action="store_true", help="replace an existing export folder")
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace an earlier export of this run (never any other folder)",
+    )
     parser.add_argument(
         "--force",
         action="store_true",

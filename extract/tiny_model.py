@@ -39,6 +39,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFas
 DEFAULT_OUT = Path("models/tiny-gemma2")
 CORPUS_FILE = "stdlib_docstrings.jsonl"
 BUILD_INFO = "build_info.json"
+PARTIAL_MARK = ".tiny_model_build"  # in <out>.partial while a build writes it
 # Gemma's special-token ids, so code that special-cases them behaves as on the real model.
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 
@@ -343,8 +344,14 @@ def build_tiny_model(
             f"{out} exists but was not built with these settings; delete it or pass --force"
         )
     partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    if partial.exists():
+        if not (partial / PARTIAL_MARK).is_file():
+            raise FileExistsError(
+                f"{partial} exists and was not left by a tiny-model build; move it away"
+            )
+        shutil.rmtree(partial)  # left by a killed build of ours
     partial.mkdir(parents=True)
+    (partial / PARTIAL_MARK).touch()
     started = time.perf_counter()
 
     texts = stdlib_docstrings(max_chars=spec.max_corpus_chars)
@@ -383,6 +390,7 @@ def build_tiny_model(
         "versions": _versions(),
     }
     (partial / BUILD_INFO).write_text(json.dumps(build_info, indent=1) + "\n")
+    (partial / PARTIAL_MARK).unlink()
     partial.rename(out)
     return out
 
@@ -400,6 +408,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec = dataclasses.replace(defaults, train_steps=args.steps, seed=args.seed)
     if args.force and args.out.exists():
+        if _read_build_info(args.out) is None:
+            print(
+                f"error: {args.out} is not a tiny model folder (no {BUILD_INFO}); --force "
+                "replaces only a tiny model built here - choose another --out",
+                file=sys.stderr,
+            )
+            return 2
         shutil.rmtree(args.out)
     try:
         path = build_tiny_model(args.out, spec, progress=not args.quiet)

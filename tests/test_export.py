@@ -214,6 +214,111 @@ def test_existing_export_is_never_overwritten_without_force(tmp_path, capsys):
     ]
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file below `root` with its bytes: what must survive a refused export."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _standard_run(path: Path, seed: int = 4, **extra) -> Path:
+    return write_run(
+        path, "standard", random_arrays("standard", np.random.default_rng(seed)), **extra
+    )
+
+
+@pytest.mark.parametrize("flag", ["--replace", "--force"])
+@pytest.mark.parametrize("target", ["parent", "run", "sibling_run", "user_folder", "file"])
+def test_replace_never_deletes_what_the_exporter_did_not_write(tmp_path, capsys, flag, target):
+    """--out naming the runs folder, the run itself, another run, a user's folder or a file is
+    refused in one line with every byte left in place."""
+    runs = tmp_path / "runs"
+    run = _standard_run(runs / "a")
+    (run / "checkpoints" / "7").mkdir(parents=True)
+    (run / "checkpoints" / "7" / "state").write_bytes(b"orbax")
+    _standard_run(runs / "b", seed=5)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "paper.tex").write_text("\\section{results}")
+    (tmp_path / "weights.bin").write_bytes(b"mine")
+    out = {
+        "parent": runs,
+        "run": run,
+        "sibling_run": runs / "b",
+        "user_folder": tmp_path / "notes",
+        "file": tmp_path / "weights.bin",
+    }[target]
+    before = _tree(tmp_path)
+    assert ex.main([str(run), "--out", str(out), flag]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "nothing was deleted" in err or "run folder" in err
+    assert _tree(tmp_path) == before
+
+
+def test_replace_refuses_the_export_of_another_run(tmp_path, capsys):
+    first, second = _standard_run(tmp_path / "a"), _standard_run(tmp_path / "b", seed=5)
+    shared = tmp_path / "shared_export"
+    ex.export_run(first, shared)
+    before = _tree(shared)
+    assert ex.main([str(second), "--out", str(shared), "--replace"]) == 2
+    assert "export of another run" in capsys.readouterr().err
+    assert _tree(shared) == before
+    assert ex.main([str(first), "--out", str(shared), "--replace"]) == 0
+
+
+def test_replace_refuses_an_export_folder_holding_a_users_file(tmp_path, capsys):
+    run = _standard_run(tmp_path / "run")
+    out = ex.export_run(run)
+    (out / "my_notes.txt").write_text("keep me")
+    before = _tree(out)
+    assert ex.main([str(run), "--replace"]) == 2
+    assert "my_notes.txt" in capsys.readouterr().err
+    assert _tree(out) == before
+
+
+def test_replace_accepts_a_moved_run_by_its_config_hash_and_an_old_unmarked_export(tmp_path):
+    """A run folder moved with its export is still recognised (config hash); an export written
+    before exports recorded their source is replaceable at the run's own `saelens/` only."""
+    run = _standard_run(tmp_path / "run", config_hash="abc123")
+    ex.export_run(run)
+    moved = tmp_path / "moved"
+    os.replace(run, moved)
+    assert ex.export_run(moved, replace=True) == moved / "saelens"
+    cfg_path = moved / "saelens" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["metadata"]["exported_from"]["run"] == str(moved.resolve())
+    del cfg["metadata"]["exported_from"]
+    cfg_path.write_text(json.dumps(cfg))
+    assert ex.export_run(moved, replace=True) == moved / "saelens"
+    elsewhere = tmp_path / "elsewhere"
+    os.replace(moved / "saelens", elsewhere)
+    cfg_path = elsewhere / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["metadata"]["exported_from"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ex.ExportError, match="does not record its run"):
+        ex.export_run(moved, elsewhere, replace=True)
+
+
+def test_replace_leaves_a_users_dot_old_folder_alone_and_uses_the_umask(tmp_path):
+    run = _standard_run(tmp_path / "run")
+    ex.export_run(run)
+    users = run / ".saelens.old"
+    users.mkdir()
+    (users / "keep").write_text("mine")
+    previous = os.umask(0o022)
+    try:
+        out = ex.export_run(run, replace=True)
+    finally:
+        os.umask(previous)
+    assert (users / "keep").read_text() == "mine"
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".saelens.old", "config.json", "sae_params.safetensors", "saelens"
+    ]  # fmt: skip
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}
+
+
 def _rng_arrays(arch: str, **replace) -> dict:
     arrays = random_arrays(arch, np.random.default_rng(6)) | replace
     return {name: value for name, value in arrays.items() if value is not None}

@@ -406,3 +406,24 @@ def test_tiny_model_loads_like_a_hub_model_and_builds_deterministically(tiny_mod
     for name in ("model.safetensors", "tokenizer.json", "stdlib_docstrings.jsonl"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert build_tiny_model(a, spec, False) == a  # an existing build with the same spec is reused
+
+
+def test_tiny_model_force_and_partial_never_delete_a_foreign_folder(tmp_path, capsys):
+    """`--force` replaces only a tiny model folder built here, and a `<out>.partial` that no
+    build left behind is refused, not removed."""
+    from extract.tiny_model import main as tiny_main
+
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "thesis.pdf").write_bytes(b"%PDF")
+    assert tiny_main(["--out", str(users), "--force", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a tiny model folder" in err and err.count("\n") == 1
+    assert (users / "thesis.pdf").read_bytes() == b"%PDF"
+
+    partial = tmp_path / "model.partial"
+    partial.mkdir()
+    (partial / "keep").write_text("mine")
+    with pytest.raises(FileExistsError, match="not left by a tiny-model build"):
+        build_tiny_model(tmp_path / "model")
+    assert (partial / "keep").read_text() == "mine"
