@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 
-# extraction (SPEC 2)
+# extraction
 MODEL   ?= google/gemma-2-2b
 DATASET ?= monology/pile-uncopyrighted
 LAYERS  ?= 12
@@ -11,7 +11,7 @@ CTX     ?= 128
 DTYPE   ?= bfloat16
 BATCH   ?= 32
 OUT     ?=
-# training (SPEC 4)
+# training
 VARIANT ?= standard
 LAYER   ?= $(firstword $(LAYERS))
 CACHE   ?=
@@ -21,14 +21,14 @@ SWEEP   ?=
 STREAM  ?=
 DISK_BUDGET ?=
 TRAIN_FLAGS ?=
-# export and evaluation (SPEC 5)
+# export and evaluation
 RUN     ?=
 EVALS   ?= core absorption scr tpp sparse_probing unlearning
 RUNS    ?=
 OFFLINE_MODEL ?=
 EVAL_FLAGS    ?=
 BENCH_FLAGS   ?=
-# synthetic worlds (SPEC 8); TOKENS is passed only when given on the command line
+# synthetic worlds; TOKENS is passed only when given on the command line
 WORLD   ?= basic
 SYNTH_FLAGS ?=
 
@@ -104,7 +104,7 @@ synth-eval: setup setup-eval
 
 compare: setup
 	@test -n "$(RUNS)" || { echo "error: set RUNS=\"runs/a runs/b\" (runs of one cache; COMPARE_FLAGS=--allow-mismatch flags, not refuses, runs that differ in tokens, normalize, layer or eval_tokens)" >&2; exit 2; }
-	$(PY) -m jax_sae.compare $(RUNS) --out $(or $(OUT),runs/compare) $(COMPARE_FLAGS)
+	$(PY) -m jax_sae.report.compare $(RUNS) --out $(or $(OUT),runs/compare) $(COMPARE_FLAGS)
 
 # The whole pipeline offline on the embedded tiny model: extract -> train -> export -> SAEBench core.
 demo: tiny-model setup-eval
@@ -120,7 +120,7 @@ demo: tiny-model setup-eval
 	$(PY_EVAL) -m saebench_eval.run runs/demo_topk --evals core --offline-model $(TINY) \
 		--core-reconstruction-batches 10 --core-sparsity-variance-batches 20
 	cat $(DEMO_SWEEP)/sweep.md
-	$(PY) -m jax_sae.compare $(DEMO_RUNS) $(DEMO_SWEEP)/*/ --out runs/demo_compare
+	$(PY) -m jax_sae.report.compare $(DEMO_RUNS) $(DEMO_SWEEP)/*/ --out runs/demo_compare
 	cat runs/demo_compare/comparison.md
 
 # each research variant against its baseline on the world built for it -> benchmarks/SYNTH.md

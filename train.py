@@ -1,4 +1,4 @@
-"""Train one SAE, or a sweep of SAEs, on one layer of an activation cache (SPEC 4).
+"""Train one SAE, or a sweep of SAEs, on one layer of an activation cache.
 
     python train.py --cache DIR --layer L --variant NAME [--set KEY=VALUE ...]
                     [--steps N | --tokens N] [--sweep KEY=V1,V2 ...] [--config run.yaml]
@@ -19,11 +19,11 @@ from typing import Annotated
 
 import tyro
 
-from jax_sae import runs
-from jax_sae.distributed import initialize_from_env
+from jax_sae.model.variants import VARIANTS, format_variant_help
+from jax_sae.parallel.distributed import initialize_from_env
+from jax_sae.report import runs
 from jax_sae.training import ONE_LINE_ERRORS, TrainConfig, Trainer
 from jax_sae.training.config import parse_overrides, read_config_file
-from jax_sae.variants import VARIANTS, format_variant_help
 
 
 @dataclass
@@ -81,7 +81,8 @@ def parse_command(argv: list[str]) -> Command:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        initialize_from_env()  # one process per host (jax_sae.distributed); before any JAX work
+        # one process per host (jax_sae.parallel.distributed); before any JAX work
+        initialize_from_env()
         try:
             command = parse_command(argv)
         except SystemExit as exit_:  # --help, or a usage error already printed as one line

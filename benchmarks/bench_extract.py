@@ -40,7 +40,7 @@ from extract.extractor import (  # noqa: E402
 )
 from extract.sources import iter_texts  # noqa: E402
 from extract.tiny_model import CORPUS_FILE, stdlib_docstrings, train_tokenizer, write_corpus  # noqa: E402
-from jax_sae.data import CacheWriter  # noqa: E402
+from jax_sae.data.cache import CacheWriter  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "bench_extract"
 MODEL = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,

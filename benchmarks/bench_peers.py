@@ -43,11 +43,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jax_sae.activations import topk  # noqa: E402
-from jax_sae.models import matmul  # noqa: E402
-from jax_sae.optim import make_optimizer  # noqa: E402
-from jax_sae.train_step import make_train_step  # noqa: E402
-from jax_sae.variants import make_variant  # noqa: E402
+from jax_sae.model.activations import topk  # noqa: E402
+from jax_sae.model.architectures import matmul  # noqa: E402
+from jax_sae.model.variants import make_variant  # noqa: E402
+from jax_sae.training.optim import make_optimizer  # noqa: E402
+from jax_sae.training.step import make_train_step  # noqa: E402
 
 PEERS = ("saelens", "dictionary_learning", "sparsify")
 FULL = {

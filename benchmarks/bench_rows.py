@@ -23,8 +23,8 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_verify import write_cache  # noqa: E402
-from jax_sae.data import ActivationCache  # noqa: E402
-from jax_sae.loader import Loader  # noqa: E402
+from jax_sae.data.cache import ActivationCache  # noqa: E402
+from jax_sae.data.loader import Loader  # noqa: E402
 
 
 def seconds_per_batch(cache: Path, batch: int, batches: int, rows: slice | None) -> float:

@@ -1,4 +1,4 @@
-"""Top-k selection primitives on this backend, as ratios in one run (SPEC 4, "Sparse TopK family").
+"""Top-k selection primitives on this backend, as ratios in one run.
 
     python benchmarks/bench_topk.py [--B 2048] [--F 12288] [--k 32] [--rounds 5]
 
@@ -8,8 +8,8 @@ Each candidate returns the k-th largest value of each row of a [B, F] float32 ar
 * `top_k min`: `lax.top_k(p, k)[0].min(-1)`
 * `top_k [:, -1]`: `lax.top_k(p, k)[0][:, -1]` (the same value, another XLA:CPU lowering)
 * `approx_max_k`: `lax.approx_max_k(p, k)[0].min(-1)` (recall 0.95 target; exact on CPU)
-* `kth_largest`: the 32-pass bitwise search in `jax_sae.activations`
-* `topk`: what the library uses (`jax_sae.activations.topk`, i.e. `top_k min`)
+* `kth_largest`: the 32-pass bitwise search in `jax_sae.model.activations`
+* `topk`: what the library uses (`jax_sae.model.activations.topk`, i.e. `top_k min`)
 
 Each is jitted alone; median of interleaved rounds; the ratio is against `topk` (per row) and
 `batch_kth_largest` (batch).
@@ -30,7 +30,7 @@ from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jax_sae import activations  # noqa: E402
+from jax_sae.model import activations  # noqa: E402
 
 
 def candidates(k: int) -> dict[str, object]:

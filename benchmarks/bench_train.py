@@ -8,7 +8,8 @@
     reference.
 (b) the step's time against the "roofline" of its five [B x F x d] matmuls (timed alone, in one jit,
     same shapes and precision); target matmul time / step time >= 0.8.
-(c) loader tokens/s (jax_sae.loader, batches on device) on a synthetic bfloat16 cache of realistic
+(c) loader tokens/s (jax_sae.data.loader, batches on device) on a synthetic bfloat16 cache of
+realistic
     width against the tokens/s the step consumes; target >= 3.
 
 Default shapes: d 2304 (Gemma-2-2b), F 16384, batch 2048; --quick uses small ones for a smoke run.
@@ -39,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from torch_step import TorchTrainStep  # noqa: E402
 
-from jax_sae.data import ActivationCache, CacheWriter  # noqa: E402
-from jax_sae.loader import Loader  # noqa: E402
-from jax_sae.optim import make_optimizer  # noqa: E402
-from jax_sae.train_step import make_train_step  # noqa: E402
-from jax_sae.variants import make_variant  # noqa: E402
+from jax_sae.data.cache import ActivationCache, CacheWriter  # noqa: E402
+from jax_sae.data.loader import Loader  # noqa: E402
+from jax_sae.model.variants import make_variant  # noqa: E402
+from jax_sae.training.optim import make_optimizer  # noqa: E402
+from jax_sae.training.step import make_train_step  # noqa: E402
 
 FULL = {"d": 2304, "F": 16384, "B": 2048, "rounds": 5, "steps": 1, "cache_tokens": 1_048_576}
 QUICK = {"d": 512, "F": 2048, "B": 512, "rounds": 5, "steps": 3, "cache_tokens": 131_072}

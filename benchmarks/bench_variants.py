@@ -24,9 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jax_sae.optim import make_optimizer  # noqa: E402
-from jax_sae.train_step import make_train_step  # noqa: E402
-from jax_sae.variants import TRAINING_HPARAMS, VARIANTS, make_variant  # noqa: E402
+from jax_sae.model.variants import TRAINING_HPARAMS, VARIANTS, make_variant  # noqa: E402
+from jax_sae.training.optim import make_optimizer  # noqa: E402
+from jax_sae.training.step import make_train_step  # noqa: E402
 
 BASES = {
     "freq": "standard",

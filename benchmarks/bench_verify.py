@@ -27,11 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jax_sae.data import ActivationCache, CacheWriter  # noqa: E402
-from jax_sae.loader import Loader  # noqa: E402
-from jax_sae.optim import make_optimizer  # noqa: E402
-from jax_sae.train_step import make_train_step  # noqa: E402
-from jax_sae.variants import make_variant  # noqa: E402
+from jax_sae.data.cache import ActivationCache, CacheWriter  # noqa: E402
+from jax_sae.data.loader import Loader  # noqa: E402
+from jax_sae.model.variants import make_variant  # noqa: E402
+from jax_sae.training.optim import make_optimizer  # noqa: E402
+from jax_sae.training.step import make_train_step  # noqa: E402
 
 SHARD_TOKENS = 65_536
 BATCH = 2048

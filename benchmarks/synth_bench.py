@@ -1,4 +1,4 @@
-"""Each research idea against its baseline, on the synthetic world built for it (SPEC 8).
+"""Each research idea against its baseline, on the synthetic world built for it.
 
     python benchmarks/synth_bench.py [--seeds 3] [--quick] [--out benchmarks/out/synth]
 
@@ -36,8 +36,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 import train  # noqa: E402
-from export_to_torch import export_run  # noqa: E402
-from jax_sae.defaults import adapt_hparams  # noqa: E402
+from jax_sae.export.saelens import export_run  # noqa: E402
+from jax_sae.model.defaults import adapt_hparams  # noqa: E402
 
 EVAL_PYTHON = REPO / ".venv-eval" / "bin" / "python"
 RESULT_KEY = "synthetic evaluation results"

@@ -3,8 +3,8 @@
 Same model, loss and optimizer as `jax_sae` (ReLU SAE, L = mean ||x - x_hat||^2 + lambda *
 mean sum |h|, decoder-gradient projection, Adam, unit-norm decoder rows after the step), in float32
 on all CPU threads. It is written to be a fair opponent: fused/foreach Adam, in-place updates, and
-the same `b_dec` trick as `jax_sae.models.ReLUSAE.pre_activation` (b_dec's gradient as a
-mat-vec, so autograd runs the same five [B x F x d] matmuls as the JAX step, not six);
+the same `b_dec` trick as `jax_sae.model.architectures.ReLUSAE.pre_activation` (b_dec's gradient as
+a mat-vec, so autograd runs the same five [B x F x d] matmuls as the JAX step, not six);
 ``b_dec_trick=False`` gives the plain-autograd step for comparison.
 """
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from jax_sae.cli import OneLineParser
+from jax_sae.util.cli import OneLineParser
 
 _DEFAULTS = {
     "model": "google/gemma-2-2b",
@@ -75,7 +75,7 @@ def exit_with_parent(parent: int) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m extract",
-        description="Cache residual-stream activations of a causal LM (SPEC 2).",
+        description="Cache residual-stream activations of a causal LM.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=_DEFAULTS["model"], help="hub name or local model folder")
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--disk-budget", type=parse_size, metavar="SIZE",
         help="stream: keep at most SIZE (40G, 512M) of shards on disk; wait for the trainer to "
-        "release shards, then delete them (jax_sae.stream)",
+        "release shards, then delete them (jax_sae.data.stream)",
     )  # fmt: skip
     p.add_argument(
         "--parent-pid", type=int, metavar="PID",
@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from extract.errors import ExtractError
     from extract.extractor import ExtractConfig, extract
-    from jax_sae.data import CacheError, read_manifest
+    from jax_sae.data.cache import CacheError, read_manifest
 
     cfg = ExtractConfig(
         model=args.model,

@@ -1,4 +1,4 @@
-"""Stage 1: run a causal LM over text and cache its residual stream at chosen layers (SPEC 2).
+"""Stage 1: run a causal LM over text and cache its residual stream at chosen layers.
 
 Design:
 
@@ -17,8 +17,8 @@ Design:
   skips the ``n_sequences`` texts of the complete shards and so forms exactly the batches - hence
   bit-identical activations - of an uninterrupted run. ``n_sequences`` counts texts consumed.
 * **Streaming**: with ``disk_budget`` the writer waits before a shard that would not fit and
-  deletes shards the trainer released (``jax_sae.stream``); the model then waits with it. Deleted
-  shards stay listed, so resume skips their texts like any other shard's.
+  deletes shards the trainer released (``jax_sae.data.stream``); the model then waits with it.
+  Deleted shards stay listed, so resume skips their texts like any other shard's.
 * **Overlap**: tokenisation runs one batch ahead on a thread; device-to-host copies are
   asynchronous; dtype conversion and shard writing run on a writer thread.
 """
@@ -47,8 +47,8 @@ from extract.sources import (
     resolve_dataset,
     resolve_model,
 )
-from jax_sae.data import CacheWriter, hook_name
-from jax_sae.disk import DiskFullError, disk_full_error, is_disk_full
+from jax_sae.data.cache import CacheWriter, hook_name
+from jax_sae.util.disk import DiskFullError, disk_full_error, is_disk_full
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_SHARD_TOKENS = 131_072  # ~600 MB per layer and shard for Gemma-2-2b in bfloat16

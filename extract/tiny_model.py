@@ -1,4 +1,4 @@
-"""Build the embedded offline default (SPEC 4.4): corpus, tokenizer and a tiny Gemma-2 model.
+"""Build the embedded offline default: corpus, tokenizer and a tiny Gemma-2 model.
 
 No machine here reaches the Hugging Face hub, so tests and the demo need a model and a corpus
 that every machine can make for itself. ``python -m extract.tiny_model --out models/tiny-gemma2``

@@ -1,4 +1,4 @@
-"""Run SAEBench evaluations on one SAE with the reference configurations (SPEC 5).
+"""Run SAEBench evaluations on one SAE with the reference configurations.
 
 Every eval writes SAEBench's own result JSON under `out_dir/<eval>/` and returns its path. Core is
 driven through SAEBench's `run_evals` with a model and dataset we hand it (a hub model and
@@ -29,7 +29,7 @@ CUSTOM_SAE_ID = "custom_sae"  # the id SAEBench gives an SAE passed as an object
 
 
 def result_key(eval_name: str) -> str:
-    """The reference template's `final_info.json` key, e.g. "sparse probing evaluation results"."""
+    """The `final_info.json` key, e.g. "sparse probing evaluation results"."""
     return f"{eval_name.replace('_', ' ')} evaluation results"
 
 

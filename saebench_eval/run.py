@@ -4,7 +4,7 @@
 
 Runs inside `.venv-eval` after `export_to_torch.py RUN_DIR` wrote `RUN_DIR/saelens/`. Each eval's
 full SAEBench JSON goes to `RUN_DIR/eval_results/<eval>/`; `final_info.json` gets it (without the
-per-latent details) under the reference template's key, e.g. "core evaluation results".
+per-latent details) under the standard `final_info.json` key, e.g. "core evaluation results".
 
 Online (default), the evals download gemma-2-2b(-it) and their datasets from the Hugging Face hub;
 the hub is probed once first so an unreachable hub is one clear error, not SAEBench's retries and

@@ -10,7 +10,7 @@ from sae_bench.custom_saes.custom_sae_config import CustomSAEConfig
 from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
 from sae_lens import SAE
 
-from export_to_torch import EXPORT_CONFIG, EXPORT_WEIGHTS, TwoLevelSAE
+from jax_sae.export.saelens import EXPORT_CONFIG, EXPORT_WEIGHTS, TwoLevelSAE
 
 
 class ExportFolderError(ValueError):

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from jax_sae.data import write_json_atomic
+from jax_sae.data.cache import write_json_atomic
 from synth import metrics
 from synth.make_world import GROUND_TRUTH, MODEL_PREFIX, WORLD_DIR
 
@@ -67,7 +67,7 @@ def load_sae(export_dir: Path, device: str) -> Any:
             "first (make synth-eval does)"
         )
     if json.loads(cfg_file.read_text()).get("architecture") == "two_level":
-        from export_to_torch import TwoLevelSAE
+        from jax_sae.export.saelens import TwoLevelSAE
 
         return TwoLevelSAE.load(export_dir).to(device)
     from sae_lens import SAE
@@ -95,7 +95,7 @@ def sae_firing(sae: Any, acts: np.ndarray) -> sp.csr_matrix:
 
 def heldout_metrics(sae: Any, world: Path, truth: dict[str, np.ndarray]) -> dict:
     """The `synth.metrics` results on the held-out cached tokens."""
-    from jax_sae.data import ActivationCache
+    from jax_sae.data.cache import ActivationCache
 
     cache = ActivationCache(world)
     offset = int(truth["heldout_offset"][0])

@@ -25,7 +25,7 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import save_file
 
-from jax_sae.data import MANIFEST, CacheWriter
+from jax_sae.data.cache import MANIFEST, CacheWriter
 from synth import WORLDS
 
 LAYER = 0

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_sae.data import MANIFEST, STORAGE_DTYPES, scan_array, shard_file, write_json_atomic
-from jax_sae.optim import make_optimizer
-from jax_sae.train_step import make_train_step
+from jax_sae.data.cache import MANIFEST, STORAGE_DTYPES, scan_array, shard_file, write_json_atomic
+from jax_sae.training.optim import make_optimizer
+from jax_sae.training.step import make_train_step
 
 
 def assert_close(actual, expected, rtol: float = 2e-5, what: str = "") -> None:
@@ -22,10 +22,11 @@ def assert_close(actual, expected, rtol: float = 2e-5, what: str = "") -> None:
 
 
 def relu_sae_gradients(p: dict, x: np.ndarray, ref: dict, penalty_grad_h: np.ndarray) -> dict:
-    """Analytic gradients of mean ||x - x_hat||^2 + penalty for a ReLU SAE (SPEC 3 notation).
+    """Analytic gradients of mean ||x - x_hat||^2 + penalty for a ReLU SAE (notation of
+    docs/variants.md).
 
     ``ref`` holds the forward values ``pre``, ``h`` and ``x_hat``; ``penalty_grad_h`` is the
-    gradient of the regularisers with respect to h, with whatever the SPEC holds constant
+    gradient of the regularisers with respect to h, with whatever the formula holds constant
     (stop-gradients) already treated as constant by the caller.
     """
     n = x.shape[0]

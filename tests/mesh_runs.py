@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_sae import parallel
-from jax_sae.checkpoint import Checkpoints
-from jax_sae.optim import make_optimizer
-from jax_sae.train_step import make_train_step
-from jax_sae.variants import make_variant
+from jax_sae.model.variants import make_variant
+from jax_sae.parallel import layout
+from jax_sae.training.checkpoint import Checkpoints
+from jax_sae.training.optim import make_optimizer
+from jax_sae.training.step import make_train_step
 
 D_IN, D_SAE, BATCH, STEPS = 32, 128, 64, 20
 VARIANTS = {
@@ -65,7 +65,7 @@ def initial(variant, opt, seed: int, sample: np.ndarray):
 
 def mesh_of(name: str):
     data, model = MESHES[name]
-    return parallel.make_mesh({"data": data, "model": model})
+    return layout.make_mesh({"data": data, "model": model})
 
 
 def train(step_fn, state, data):
@@ -94,9 +94,9 @@ def meshes_vs_one_device(arrays: dict, facts: dict, variants: dict, meshes: tupl
         for mesh_name in meshes:
             mesh = mesh_of(mesh_name)
             state = initial(variant, opt, 0, data[0]["x"])
-            shardings = parallel.state_shardings(mesh, state, D_SAE)
+            shardings = layout.state_shardings(mesh, state, D_SAE)
             state = jax.device_put(state, shardings)
-            state = train(parallel.shard_train_step(step_fn, mesh, shardings, BATCH), state, data)
+            state = train(layout.shard_train_step(step_fn, mesh, shardings, BATCH), state, data)
             arrays |= flat(f"{name}/{mesh_name}", state)
             facts[f"layouts_kept/{name}/{mesh_name}"] = layouts_kept(state, shardings)
 
@@ -111,8 +111,8 @@ def sweep(arrays: dict) -> None:
     step_fn = jax.vmap(make_train_step(variant, opt), in_axes=(0, 0, 0, None, None))
     arrays |= flat("sweep/1", train(jax.jit(step_fn), stacked, data))
     mesh = mesh_of("2x2")
-    shardings = parallel.state_shardings(mesh, stacked, D_SAE, member_axis=True)
-    sharded_step = parallel.shard_train_step(step_fn, mesh, shardings, BATCH)
+    shardings = layout.state_shardings(mesh, stacked, D_SAE, member_axis=True)
+    sharded_step = layout.shard_train_step(step_fn, mesh, shardings, BATCH)
     arrays |= flat("sweep/2x2", train(sharded_step, jax.device_put(stacked, shardings), data))
 
 
@@ -121,7 +121,7 @@ def top_k(arrays: dict) -> None:
     x = np.round(np.random.default_rng(2).normal(size=(16, 64)), 1).astype(np.float32)
     results = {"lax": lax.top_k(jnp.asarray(x), 5)}
     for mesh_name in ("2x2", "1x4"):
-        results[mesh_name] = parallel.sharded_top_k(jnp.asarray(x), 5, mesh_of(mesh_name))
+        results[mesh_name] = layout.sharded_top_k(jnp.asarray(x), 5, mesh_of(mesh_name))
     for name, (values, indices) in results.items():
         arrays[f"top_k/{name}/values"] = np.asarray(values)
         arrays[f"top_k/{name}/indices"] = np.asarray(indices)
@@ -133,8 +133,8 @@ def gathers_all_codes(facts: dict) -> None:
     opt = make_optimizer(lr=1e-3, warmup_steps=2)
     mesh = mesh_of("2x2")
     state = initial(variant, opt, 0, None)
-    shardings = parallel.state_shardings(mesh, state, D_SAE)
-    step_fn = parallel.shard_train_step(make_train_step(variant, opt), mesh, shardings, BATCH)
+    shardings = layout.state_shardings(mesh, state, D_SAE)
+    step_fn = layout.shard_train_step(make_train_step(variant, opt), mesh, shardings, BATCH)
     batch = {"x": np.zeros((BATCH, D_IN), np.float32)}
     hlo = step_fn.lower(*state, batch, jnp.int32(0)).compile().as_text()
     full = f"f32[{BATCH},{D_SAE}]"
@@ -147,8 +147,8 @@ def checkpoint_across_meshes(arrays: dict, facts: dict, directory: Path) -> None
     variant = make_variant("hier_ortho", D_IN, D_SAE, **VARIANTS["hier_ortho"])
     opt = make_optimizer(lr=1e-3, warmup_steps=2)
     state = initial(variant, opt, 0, None)
-    saved = jax.device_put(state, parallel.state_shardings(mesh_of("2x2"), state, D_SAE))
-    target_shardings = parallel.state_shardings(mesh_of("1x4"), state, D_SAE)
+    saved = jax.device_put(state, layout.state_shardings(mesh_of("2x2"), state, D_SAE))
+    target_shardings = layout.state_shardings(mesh_of("1x4"), state, D_SAE)
     target = jax.tree.map(
         lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
         state,

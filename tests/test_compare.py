@@ -1,4 +1,5 @@
-"""`python -m jax_sae.compare` and sweep reports on small fake run folders in train.py's format."""
+"""`python -m jax_sae.report.compare` and sweep reports on small fake run folders in train.py's
+format."""
 
 import json
 import random
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jax_sae import compare, runs
+from jax_sae.report import compare, runs
 from synth.evaluate import merge_into_final_info
 
 TRAINED_ALIKE = {"tokens": 4096, "normalize": True, "layer": 3, "eval_tokens": 1024}

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jax_sae.data import MANIFEST, ActivationCache, CacheError, CacheWriter
+from jax_sae.data.cache import MANIFEST, ActivationCache, CacheError, CacheWriter
 
 D = 8
 LAYERS = [1, 3]

@@ -1,9 +1,9 @@
-"""Defaults that adapt to d_in and run length (`jax_sae.defaults`, SPEC 3 revised 2026-11-29)."""
+"""Defaults that adapt to d_in and run length (`jax_sae.model.defaults`)."""
 
 import pytest
 
-from jax_sae.defaults import adapt_hparams, scaled_d_sae
-from jax_sae.variants import make_variant
+from jax_sae.model.defaults import adapt_hparams, scaled_d_sae
+from jax_sae.model.variants import make_variant
 
 
 def test_topk_on_the_64_wide_demo_model_gets_sane_sizes():

@@ -4,13 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_sae.evaluate import MetricTotals, evaluate
+from jax_sae.report.evaluate import MetricTotals, evaluate
 
 D, F = 16, 48
 
 
 def reference(x_batches, xhat_batches, h_batches):
-    """The definitions of jax_sae.evaluate's docstring (SAEBench 0.6.0 core), in float64."""
+    """The definitions of jax_sae.report.evaluate's docstring (SAEBench 0.6.0 core), in float64."""
     x = np.concatenate(x_batches).astype(np.float64)
     xh = np.concatenate(xhat_batches).astype(np.float64)
     h = np.concatenate(h_batches).astype(np.float64)

@@ -1,4 +1,5 @@
-"""export_to_torch.py: folding algebra, SAELens config, bad inputs, and the round trip through
+"""The SAELens export (`jax_sae.export.saelens`, command `export_to_torch.py`): folding algebra,
+SAELens config, bad inputs, and the round trip through
 SAELens's own loader in `.venv-eval` against our JAX encode/decode."""
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import export_to_torch as ex
-from jax_sae.variants import VARIANTS, make_variant
+from jax_sae.export import saelens as ex
+from jax_sae.model.variants import VARIANTS, make_variant
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_PYTHON = REPO / ".venv-eval" / "bin" / "python"
@@ -33,7 +34,7 @@ def eval_venv_env(tmp_path: Path) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# an independent float64 NumPy model of the SPEC 3 encoders
+# an independent float64 NumPy model of the encoders
 # ------------------------------------------------------------------------------------------------
 
 
@@ -45,7 +46,7 @@ def topk_relu(pre: np.ndarray, k: int) -> np.ndarray:
 
 
 def encode_ref(arch: str, a: dict[str, np.ndarray], x: np.ndarray, k=None) -> np.ndarray:
-    """SPEC 3 codes in float64; two_level returns [base, concept] (the export's latent order)."""
+    """Codes in float64; two_level returns [base, concept] (the export's latent order)."""
     a = {name: v.astype(np.float64) for name, v in a.items()}
     pre = (x - a["b_dec"]) @ a["W_enc"] + a["b_enc"]
     if arch == "standard":
@@ -389,7 +390,7 @@ for job in json.loads(sys.argv[1]):
 """
 # name -> (variant, hyper-parameters, norm_scale, SAE class SAELens/SAEBench must load).
 # The reference is `make_variant(variant).encode/decode`, except for "two_level-spec", whose
-# reference is the NumPy SPEC 3.9 model above (it runs whether or not the variant exists yet).
+# reference is the NumPy two_level model above (it runs whether or not the variant exists yet).
 ROUND_TRIPS = {
     "standard": ("standard", {}, 1.0, "StandardSAE"),
     "standard-scaled": ("standard", {}, 0.37, "StandardSAE"),
@@ -475,7 +476,7 @@ def test_saelens_export_matches_our_encode_decode(round_trips, name):
     """float32 tolerance: |diff| <= 1e-5 * (1 + |reference|) for codes and reconstructions."""
     variant, hparams, _, sae_class = ROUND_TRIPS[name]
     if name not in round_trips:
-        pytest.skip(f"variant {variant} is not registered in jax_sae.variants yet")
+        pytest.skip(f"variant {variant} is not registered in jax_sae.model.variants yet")
     result = round_trips[name]
     assert result["class"] == sae_class
     if sae_class == "TopKSAE":

@@ -24,7 +24,7 @@ from extract.cli import parse_count
 from extract.errors import ExtractError
 from extract.extractor import ExtractConfig, extract, hook_points, tokenize, truncate_after
 from extract.tiny_model import TinyModelSpec, build_tiny_model, stdlib_docstrings
-from jax_sae.data import MANIFEST, ActivationCache, CacheError
+from jax_sae.data.cache import MANIFEST, ActivationCache, CacheError
 
 REPO = Path(__file__).resolve().parents[1]
 

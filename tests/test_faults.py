@@ -20,14 +20,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import export_to_torch
 import train
 from extract.cli import main as extract_main
 from extract.extractor import ExtractConfig, extract
-from jax_sae import data, disk, runs
-from jax_sae.data import MANIFEST, ActivationCache, CacheError
-from jax_sae.divergence import DivergenceRule
-from jax_sae.loader import Loader
+from jax_sae.data import cache as cache_module
+from jax_sae.data.cache import MANIFEST, ActivationCache, CacheError
+from jax_sae.data.loader import Loader
+from jax_sae.export import saelens
+from jax_sae.report import runs
+from jax_sae.training.divergence import DivergenceRule
+from jax_sae.util import disk
 from tests import test_train_cli
 from tests.helpers import poke_cache
 from tests.test_train_cli import LAYER, STEPS, args, one_error_line, write_cache
@@ -116,7 +118,7 @@ def test_case3_huge_learning_rate_is_diverged_and_not_exported(cache, tmp_path, 
     assert train.main(argv) == 2
     assert "the run diverged: reconstruction loss" in one_error_line(capsys)
     assert runs.read_status(out)["state"] == runs.DIVERGED
-    assert export_to_torch.main([str(out)]) == 2
+    assert saelens.main([str(out)]) == 2
     line = one_error_line(capsys)
     assert "diverged" in line and "pass --force" in line
 
@@ -148,9 +150,9 @@ def test_divergence_at_the_end_marks_the_run_and_keeps_its_weights(
     assert runs.read_status(out)["state"] == runs.DIVERGED
     assert (out / runs.PARAMS).exists()
     for flags in ([], ["--replace"]):  # what make export-eval passes
-        assert export_to_torch.main([str(out), *flags]) == 2
+        assert saelens.main([str(out), *flags]) == 2
         assert "diverged" in one_error_line(capsys)
-    assert export_to_torch.main([str(out), "--force"]) == 0
+    assert saelens.main([str(out), "--force"]) == 0
     assert "warning: exporting anyway" in capsys.readouterr().err
 
 
@@ -198,7 +200,7 @@ def test_case4_stale_lock_of_a_dead_process_is_taken_over(cache, tmp_path, capsy
 
 def test_lock_holds_across_processes(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from jax_sae.runs import RunLock; "
+        [sys.executable, "-c", "import sys, time; from jax_sae.report.runs import RunLock; "
          "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)",
          str(tmp_path)],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
@@ -252,8 +254,8 @@ def test_case5_full_disk_while_exporting(reference_run, tmp_path, capsys, monkey
     def full(arrays, filename):
         raise OSError(errno.ENOSPC, "No space left on device", str(filename))
 
-    monkeypatch.setattr(export_to_torch, "save_file", full)
-    assert export_to_torch.main([str(reference_run), "--out", str(tmp_path / "e")]) == 2
+    monkeypatch.setattr(saelens, "save_file", full)
+    assert saelens.main([str(reference_run), "--out", str(tmp_path / "e")]) == 2
     assert "no space left on the disk holding" in one_error_line(capsys)
     assert not (tmp_path / "e").exists()
 
@@ -273,7 +275,7 @@ def test_case5_full_disk_while_extracting(
     tiny_model_dir, tiny_corpus, tmp_path, capsys, monkeypatch, patch, message
 ):
     name, replacement = patch
-    monkeypatch.setattr(disk if name == "free_bytes" else data, name, replacement)
+    monkeypatch.setattr(disk if name == "free_bytes" else cache_module, name, replacement)
     out = tmp_path / "c"
     argv = ["--model", str(tiny_model_dir), "--dataset", str(tiny_corpus), "--layers", "1"]
     assert extract_main([*argv, "--tokens", "600", "--out", str(out), "--quiet"]) == 2
@@ -392,7 +394,7 @@ def test_case12_usage_errors_are_one_line(cache, tmp_path, capsys, argv, message
     assert train.main([*args(cache, tmp_path / "run"), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
-    assert export_to_torch.main(["run", *argv]) == 2
+    assert saelens.main(["run", *argv]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
 
@@ -443,7 +445,7 @@ def test_sigkill_at_exact_points_of_training_then_resume(
     )  # fmt: skip
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert runs.read_status(out)["state"] == runs.RUNNING
-    assert export_to_torch.main([str(out)]) == 2  # not finished: refused
+    assert saelens.main([str(out)]) == 2  # not finished: refused
     assert train.main(args(cache, out, "--steps", str(STEPS), "--resume")) == 0
     assert_same_weights(out, reference_run)
     assert runs.read_status(out)["state"] == runs.FINISHED

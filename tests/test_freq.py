@@ -1,12 +1,12 @@
-"""`freq` (SPEC 3.5): frequency-weighted L1, checked against float64 NumPy written from the SPEC."""
+"""`freq`: frequency-weighted L1, checked against float64 NumPy written from the formulas."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_sae.losses.freq import RATE_BINS
-from jax_sae.variants import VARIANTS, VariantError, make_variant
+from jax_sae.model.losses.freq import RATE_BINS
+from jax_sae.model.variants import VARIANTS, VariantError, make_variant
 from tests.helpers import assert_close, relu_sae_gradients, train_briefly
 
 D, F, B = 16, 64, 48
@@ -29,7 +29,8 @@ def to_jax(params: dict[str, np.ndarray]) -> dict[str, jax.Array]:
 
 
 def np_reference(p, x, rate, *, lam, alpha, decay, freq_norm):
-    """SPEC 3.5 in float64: f updated first, then L = L_recon + lam mean_b sum_i (1+a w_i)|h_i|."""
+    """The formula in float64: f updated first, then
+    L = L_recon + lam mean_b sum_i (1 + a w_i) |h_i|."""
     pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
     h = np.maximum(pre, 0.0)
     x_hat = h @ p["W_dec"] + p["b_dec"]

@@ -1,4 +1,4 @@
-"""hier_ortho (SPEC 3.6) against a float64 NumPy implementation of the SPEC formulas."""
+"""hier_ortho against a float64 NumPy implementation of the formulas."""
 
 from functools import partial
 
@@ -7,23 +7,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_sae import blockwise
-from jax_sae.losses import hier_ortho
-from jax_sae.optim import make_optimizer
-from jax_sae.train_step import make_train_step
-from jax_sae.variants import VariantError, make_variant
+from jax_sae.model import blockwise
+from jax_sae.model.losses import hier_ortho
+from jax_sae.model.variants import VariantError, make_variant
+from jax_sae.training.optim import make_optimizer
+from jax_sae.training.step import make_train_step
 
 D, F, K, B = 12, 40, 5, 30
 # F = 40 is not a multiple of the block size, B = 30 not a multiple of the token chunk
 SMALL = {"k": K, "block_size": 16, "token_chunk": 7}
 
 
-# --- the SPEC formulas in float64 NumPy -----------------------------------------------------------
+# --- the formulas in float64 NumPy ----------------------------------------------------------------
 
 
 def np_weights(n_pair, n, k, c_max, mode, prior=0.25, diagonal=False):
     """w_ij from co-firing n_pair [F, F] and firing n [F]: c_ij = (n_ij + a) / (p n_j + a) with
-    chance p = k / F, pairs that never co-fire weigh 0 (SPEC 3.6 with the documented smoothing)."""
+    chance p = k / F, pairs that never co-fire weigh 0 (with the documented smoothing)."""
     f = len(n)
     p = k / f
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -122,7 +122,7 @@ def test_c_max_clips_the_weights():
 
 
 def test_raw_spec_weights_without_smoothing():
-    """prior_cofirings = 0 gives the SPEC's raw c_ij = (n_ij / n_j) / (k / F)."""
+    """prior_cofirings = 0 gives the raw c_ij = (n_ij / n_j) / (k / F)."""
     v, params, x = random_setup(prior_cofirings=0.0)
     n_pair, n = batch_counts(codes(v, params, x))
     ortho, _, _ = ortho_of(v, params, v.init_state(), x)
@@ -181,7 +181,7 @@ def test_activation_target_gradient_reaches_the_encoder():
     h = codes(v, params, x)
     n_pair, n = batch_counts(h)
 
-    def penalty(w_enc):  # the same SPEC formula in JAX, differentiated directly (weights fixed)
+    def penalty(w_enc):  # the same formula in JAX, differentiated directly (weights fixed)
         p = params | {"W_enc": w_enc}
         a = v.encode(p, x).astype(jnp.float32)
         w = np_weights(n_pair, n, K, 10.0, "max", diagonal=True)
@@ -227,7 +227,7 @@ def unit_decoder(seed=0):
 
 def test_directional_moves_only_the_dependent_latent():
     """n_0 = 10 > n_1 = 3, so c_01 = (n_01 + a) / (p n_1 + a) > c_10: latent 1 is the rarer,
-    dependent latent that may absorb latent 0, and only its row gets the gradient (seed 001)."""
+    dependent latent that may absorb latent 0, and only its row gets the gradient."""
     w_dec = unit_decoder()
     h = two_latent_codes(n_child=3)
     directional = decoder_term(h, w_dec, "directional")
@@ -236,7 +236,7 @@ def test_directional_moves_only_the_dependent_latent():
     g_dir, g_max = jax.grad(directional)(w_dec), jax.grad(max_mode)(w_dec)
     np.testing.assert_allclose(g_dir[1], g_max[1], rtol=1e-6)
     assert np.abs(g_max[0]).max() > 0 and np.all(g_dir[0] == 0)
-    # the same from the float64 reference, written from the seed's reading
+    # the same from the float64 reference, written from the documented rule
     d = np.asarray(w_dec, np.float64)
     m = (h > 0).astype(np.float64)
     _, expected = np_decoder_penalty(d, m.T @ m, m.sum(0), 3, 10.0, "directional")

@@ -5,8 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from jax_sae.data import ActivationCache, CacheError, CacheWriter
-from jax_sae.loader import Loader, LoaderError, Prefetcher, make_chunks, norm_scale
+from jax_sae.data.cache import ActivationCache, CacheError, CacheWriter
+from jax_sae.data.loader import Loader, LoaderError, Prefetcher, make_chunks, norm_scale
 
 D = 8
 LAYERS = [2, 5]

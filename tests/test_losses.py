@@ -1,15 +1,15 @@
-"""Loss terms, activations and their gradients vs independent float64 NumPy references (SPEC 3)."""
+"""Loss terms, activations and their gradients vs independent float64 NumPy references."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_sae.activations import heaviside, jumprelu, kth_largest
-from jax_sae.losses import dead
-from jax_sae.losses.auxk import auxk_loss
-from jax_sae.losses.recon import explained_variance, reconstruction_loss
-from jax_sae.variants import make_variant
+from jax_sae.model.activations import heaviside, jumprelu, kth_largest
+from jax_sae.model.losses import dead
+from jax_sae.model.losses.auxk import auxk_loss
+from jax_sae.model.losses.recon import explained_variance, reconstruction_loss
+from jax_sae.model.variants import make_variant
 
 D_IN, D_SAE, BATCH = 16, 64, 32
 RTOL, ATOL = 2e-5, 2e-5

@@ -1,5 +1,6 @@
-"""The device mesh (`jax_sae.parallel`): parsing, the layout rule, the collective-bytes formula,
-and, on 4 CPU devices in a subprocess (tests/mesh_runs.py), sharded training against 1 device."""
+"""The device mesh (`jax_sae.parallel.layout`): parsing, the layout rule, the collective-bytes
+formula, and, on 4 CPU devices in a subprocess (tests/mesh_runs.py), sharded training against 1
+device."""
 
 import json
 import os
@@ -14,9 +15,9 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
-from jax_sae import parallel
-from jax_sae.optim import make_optimizer
-from jax_sae.variants import make_variant
+from jax_sae.model.variants import make_variant
+from jax_sae.parallel import layout
+from jax_sae.training.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 MESH_RUNS = ["topk", "standard", "hier_ortho", "temporal"]
@@ -24,15 +25,15 @@ MESH_RUNS = ["topk", "standard", "hier_ortho", "temporal"]
 
 def abstract_mesh(data: int, model: int) -> AbstractMesh:
     """A mesh of the given shape without devices: enough for layouts and checks."""
-    return AbstractMesh((data, model), parallel.AXES, axis_types=(AxisType.Auto,) * 2)
+    return AbstractMesh((data, model), layout.AXES, axis_types=(AxisType.Auto,) * 2)
 
 
 # ------------------------------------------------------------------------------ parse_mesh
 
 
 def test_parse_mesh_fills_missing_axes():
-    assert parallel.parse_mesh("data=2,model=2", 4) == {"data": 2, "model": 2}
-    assert parallel.parse_mesh(" model = 4 ", 4) == {"data": 1, "model": 4}
+    assert layout.parse_mesh("data=2,model=2", 4) == {"data": 2, "model": 2}
+    assert layout.parse_mesh(" model = 4 ", 4) == {"data": 1, "model": 4}
 
 
 @pytest.mark.parametrize(
@@ -48,7 +49,7 @@ def test_parse_mesh_fills_missing_axes():
 )
 def test_parse_mesh_errors_are_one_line(text, message):
     with pytest.raises(ValueError, match=message) as error:
-        parallel.parse_mesh(text, 4)
+        layout.parse_mesh(text, 4)
     assert "\n" not in str(error.value)
 
 
@@ -67,7 +68,7 @@ def test_latent_axes_go_to_model_even_when_d_in_equals_d_sae():
     opt = make_optimizer(lr=1e-3, warmup_steps=1)
     params = variant.init_params(jax.random.key(0))
     state = (params, opt.init(params), variant.init_state())
-    got = specs(parallel.state_shardings(abstract_mesh(2, 2), state, 32))
+    got = specs(layout.state_shardings(abstract_mesh(2, 2), state, 32))
     latent_rows, latent_cols = P("model"), P(None, "model")
     for prefix in ("[0]", "[1][1].mu", "[1][1].nu"):
         assert got[f"{prefix}['W_enc']"] == latent_cols
@@ -83,7 +84,7 @@ def test_concept_level_replicated_and_member_axis_never_split():
     variant = make_variant("two_level", 16, 256)
     params = jax.eval_shape(variant.init_params, jax.random.key(0))
     members = jax.tree.map(lambda s: jax.ShapeDtypeStruct((3, *s.shape), s.dtype), params)
-    got = specs(parallel.state_shardings(abstract_mesh(1, 2), members, 256, member_axis=True))
+    got = specs(layout.state_shardings(abstract_mesh(1, 2), members, 256, member_axis=True))
     assert got["['W_enc']"] == P(None, None, "model")
     assert got["['W_dec']"] == P(None, "model")
     assert got["['W_enc_c']"] == got["['W_dec_c']"] == got["['b_enc_c']"] == P()
@@ -91,24 +92,24 @@ def test_concept_level_replicated_and_member_axis_never_split():
 
 def test_indivisible_sizes_name_the_fix():
     with pytest.raises(ValueError, match="d_sae=100 is not divisible by the mesh's model size 8"):
-        parallel.state_shardings(abstract_mesh(1, 8), {"b_enc": np.zeros(100)}, 100)
+        layout.state_shardings(abstract_mesh(1, 8), {"b_enc": np.zeros(100)}, 100)
     with pytest.raises(ValueError, match="choose a batch size that is a multiple of it"):
-        parallel.batch_sharding(abstract_mesh(4, 1), 30)
+        layout.batch_sharding(abstract_mesh(4, 1), 30)
     with pytest.raises(ValueError, match="k <= F / model"):
-        parallel.sharded_top_k(np.zeros((8, 16)), 5, abstract_mesh(1, 4))
+        layout.sharded_top_k(np.zeros((8, 16)), 5, abstract_mesh(1, 4))
 
 
 def test_collective_bytes_by_hand():
     """d 4, F 8, B 16 on 2 x 2, k 2: gradient shard 4 * ((2*4*8 + 8) / 2 + 4) = 160 bytes,
     ring over 2 sends all of it; x_hat [8, 4] -> 128; candidates 8 tokens * 2 * 8 bytes * 1."""
-    got = parallel.collective_bytes_per_step(4, 8, 16, data=2, model=2, k=2)
+    got = layout.collective_bytes_per_step(4, 8, 16, data=2, model=2, k=2)
     assert got == {
         "gradient_all_reduce": 160,
         "decoder_all_reduce": 128,
         "top_k_gather": 128,
         "total": 416,
     }
-    one_device = parallel.collective_bytes_per_step(4, 8, 16, data=1, model=1, k=2)
+    one_device = layout.collective_bytes_per_step(4, 8, 16, data=1, model=1, k=2)
     assert one_device["total"] == 0
 
 

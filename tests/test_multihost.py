@@ -1,5 +1,6 @@
-"""One training command over two processes (``jax_sae.distributed``), each with one CPU device,
-joined through gloo on localhost: the same weights as one process, one writer of the run files,
+"""One training command over two processes (``jax_sae.parallel.distributed``), each with one CPU
+device, joined through gloo on localhost: the same weights as one process, one writer of the run
+files,
 resume, divergence on every process; plus the settings, row blocks and per-process loader rows."""
 
 import json
@@ -16,9 +17,9 @@ import pytest
 from safetensors.numpy import load_file
 
 import train
-from jax_sae import runs as runs_module
-from jax_sae.distributed import DistributedError, initialize_from_env, one_block
-from jax_sae.loader import Loader, LoaderError
+from jax_sae.data.loader import Loader, LoaderError
+from jax_sae.parallel.distributed import DistributedError, initialize_from_env, one_block
+from jax_sae.report import runs as runs_module
 from tests.test_loader import TEMPORAL_KEYS, index_of, take
 from tests.test_loader import write_cache as write_marked_cache
 from tests.test_train_cli import args, write_cache

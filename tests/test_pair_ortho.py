@@ -1,15 +1,15 @@
-"""pair_ortho (SPEC 3.7) against a float64 NumPy implementation of the SPEC formulas."""
+"""pair_ortho against a float64 NumPy implementation of the formulas."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_sae import blockwise
-from jax_sae.losses import pair_ortho
-from jax_sae.optim import make_optimizer
-from jax_sae.train_step import make_train_step
-from jax_sae.variants import make_variant
+from jax_sae.model import blockwise
+from jax_sae.model.losses import pair_ortho
+from jax_sae.model.variants import make_variant
+from jax_sae.training.optim import make_optimizer
+from jax_sae.training.step import make_train_step
 
 D, F, B = 12, 37, 30
 SMALL = {"block_size": 8, "rho": 0.03}  # F = 37 is not a multiple of the block size; K = 19
@@ -24,7 +24,7 @@ def np_select(scores, k):
 
 
 def np_penalty(w_dec, rows, cols, values, mode):
-    """(sum_selected t_ij |d_i . d_j| / F, its gradient): SPEC 3.7's sum form with N = 1/F."""
+    """(sum_selected t_ij |d_i . d_j| / F, its gradient): the sum form with N = 1/F."""
     d = np.asarray(w_dec, np.float64)
     f = len(d)
     weight = 1 + values / values.max() if mode == "adaptive" else np.ones_like(values)

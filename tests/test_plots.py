@@ -6,7 +6,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from jax_sae.plots import MARKER_LIMIT, curve_panels, draw_panel, metric_series, training_curves
+from jax_sae.report.plots import (
+    MARKER_LIMIT,
+    curve_panels,
+    draw_panel,
+    metric_series,
+    training_curves,
+)
 
 
 def records(n: int = 20, l0_start: float = 2000.0) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Research ideas against ground truth (SPEC 8): synthetic worlds built with SAELens's synthetic
+"""Research ideas against ground truth: synthetic worlds built with SAELens's synthetic
 module (`synth/`), small enough for the CPU test budget."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from safetensors.numpy import load_file
 from scipy.stats import rankdata
 
 import train
-from jax_sae.data import ActivationCache
-from jax_sae.losses import hier_ortho
-from jax_sae.variants import make_variant
+from jax_sae.data.cache import ActivationCache
+from jax_sae.model.losses import hier_ortho
+from jax_sae.model.variants import make_variant
 from synth import metrics
 from tests.test_export import EVAL_PYTHON, REPO, eval_venv_env
 
@@ -60,9 +60,8 @@ def train_at_defaults(
 
 
 def test_jumprelu_reaches_its_target_l0_at_the_defaults(worlds, tmp_path):
-    """SPEC 3.4: at the defaults, on normalised inputs, a default-length run brings L0 within
-    25% of target_l0. (With the former log-threshold and zero encoder bias L0 stayed near F / 2:
-    894 of 1792 latents after 64 steps on this world's big sibling.)"""
+    """JumpReLU: at the defaults, on normalised inputs, a default-length run brings L0 within
+    25% of target_l0."""
     config = train_at_defaults(worlds / "basic", "jumprelu", tmp_path / "jumprelu")
     target = config["hparams"]["target_l0"]
     info = json.loads((tmp_path / "jumprelu" / "final_info.json").read_text())
@@ -84,7 +83,7 @@ def mann_whitney_auc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 
 def test_hier_ortho_weights_rank_planted_pairs_above_chance_cofirings(worlds):
-    """SPEC 3.6: on the hierarchy world, with latents that are the true features (an oracle SAE of
+    """hier_ortho: on the hierarchy world, with latents that are the true features (an oracle SAE of
     F = number of features, k = its mean L0), planted parent-child pairs get larger weights than
     other co-firing pairs (AUC >= 0.9), and fewer than half of co-firing pairs sit at c_max: the
     weights discriminate at the defaults (raw batch counts put every co-firing pair at c_max)."""

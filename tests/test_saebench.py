@@ -16,8 +16,8 @@ import torch
 from safetensors.numpy import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import export_to_torch as ex
-from jax_sae.variants import make_variant
+from jax_sae.export import saelens as ex
+from jax_sae.model.variants import make_variant
 from saebench_eval import run as driver
 from tests.test_export import EVAL_PYTHON, REPO, eval_venv_env
 

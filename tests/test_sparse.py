@@ -1,5 +1,5 @@
-"""Sparse path of the TopK family (jax_sae/sparse.py): values and gradients against float64 NumPy
-written from the formulas, and against the dense path through the public `Variant.loss`."""
+"""Sparse path of the TopK family (jax_sae/model/sparse.py): values and gradients against float64
+NumPy written from the formulas, and against the dense path through the public `Variant.loss`."""
 
 import jax
 import jax.extend
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from helpers import assert_close
 
-from jax_sae import activations, sparse
-from jax_sae.losses import dead as dead_tracking
-from jax_sae.optim import project_decoder_grads
-from jax_sae.variants import make_variant
+from jax_sae.model import activations, sparse
+from jax_sae.model.losses import dead as dead_tracking
+from jax_sae.model.variants import make_variant
+from jax_sae.training.optim import project_decoder_grads
 
 D, F, B = 12, 96, 20
 
@@ -80,7 +80,7 @@ def np_topk_mask(scores, k):
 
 
 def np_topk_loss_and_grads(p, x, dead_before, k, k_aux, alpha):
-    """L = mean_b ||x - x_hat||^2 + alpha L_aux (SPEC 3.2) and its gradients, from the formulas."""
+    """L = mean_b ||x - x_hat||^2 + alpha L_aux and its gradients, from the formulas."""
     pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
     keep = np_topk_mask(pre, k) & (pre > 0)
     h = np.where(keep, pre, 0.0)
@@ -255,7 +255,7 @@ def _all_eqns(jaxpr):
 
 
 def test_sparse_path_is_vmappable_for_sweeps():
-    """A vmapped gradient over stacked parameters equals each member's own (SPEC 4 sweeps)."""
+    """A vmapped gradient over stacked parameters equals each member's own (a sweep)."""
     v, p, x, _, state = random_topk_setup(k=5, k_aux=7)
     members = [{key: jnp.asarray(value * scale, jnp.float32) for key, value in p.items()}
                for scale in (1.0, 0.5)]  # fmt: skip

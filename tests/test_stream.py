@@ -1,5 +1,5 @@
-"""Streaming (jax_sae/stream.py): the token order, release and its bound, a budgeted extractor and
-a trainer running side by side, SIGKILLs of both at random moments, and the one-line errors.
+"""Streaming (jax_sae/data/stream.py): the token order, release and its bound, a budgeted extractor
+and a trainer running side by side, SIGKILLs of both at random moments, and the one-line errors.
 
 The order tests run on small synthetic caches whose layer-2 column 0 holds the global token index;
 the rest runs the tiny model (``tests/stream_consumer.py`` is the stand-in trainer).
@@ -24,7 +24,7 @@ import pytest
 
 from extract.cli import parse_size
 from extract.extractor import ExtractConfig, extract
-from jax_sae.data import (
+from jax_sae.data.cache import (
     MANIFEST,
     PRODUCER_WAIT,
     RELEASE,
@@ -34,7 +34,13 @@ from jax_sae.data import (
     shard_file,
     write_json_atomic,
 )
-from jax_sae.stream import StreamCache, StreamError, StreamingLoader, StreamOrder, start_producer
+from jax_sae.data.stream import (
+    StreamCache,
+    StreamError,
+    StreamingLoader,
+    StreamOrder,
+    start_producer,
+)
 from tests import stream_consumer as consumer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -430,7 +436,7 @@ def test_extractor_exits_with_the_trainer_that_started_it(reference, tmp_path):
     cache = tmp_path / "c"
     args = [*reference.args, "--out", str(cache), "--disk-budget", str(reference.budget)]
     trainer = subprocess.Popen(
-        [sys.executable, "-c", f"from jax_sae.stream import start_producer as s; "
+        [sys.executable, "-c", f"from jax_sae.data.stream import start_producer as s; "
          f"print(s({args!r}).process.pid, flush=True); import time; time.sleep(300)"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

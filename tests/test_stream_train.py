@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import train
-from jax_sae import runs
-from jax_sae.data import MANIFEST
+from jax_sae.data.cache import MANIFEST
+from jax_sae.report import runs
 from jax_sae.training.trainer import SHARDS_SEEN
 from tests.test_faults import assert_same_weights
 from tests.test_train_cli import REPO

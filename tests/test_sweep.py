@@ -12,9 +12,9 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-import export_to_torch
 import train
-from jax_sae import runs
+from jax_sae.export import saelens
+from jax_sae.report import runs
 from jax_sae.training import TrainConfig, Trainer
 from jax_sae.training.config import RESOLVED_CONFIG, ConfigError, parse_sweep
 from jax_sae.training.sweep import SWEEP_FILE
@@ -92,7 +92,7 @@ def test_killed_sweep_resumes_bit_for_bit(sweep, cache, tmp_path):
         cwd=REPO, capture_output=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert export_to_torch.main([str(out / MEMBERS[0])]) == 2  # not finished: refused
+    assert saelens.main([str(out / MEMBERS[0])]) == 2  # not finished: refused
     assert train.main([*argv, "--resume"]) == 0
     for name in MEMBERS:
         assert_same_weights(out / name, sweep / name)
@@ -110,7 +110,7 @@ def test_shape_changing_keys_train_as_separate_groups_and_members_export(cache, 
     )
     for key, value in weights(single).items():
         np.testing.assert_allclose(weights(out / "k=4")[key], value, rtol=1e-5, atol=1e-6)
-    assert export_to_torch.main([str(out / "k=4"), "--out", str(tmp_path / "export")]) == 0
+    assert saelens.main([str(out / "k=4"), "--out", str(tmp_path / "export")]) == 0
     assert json.loads((tmp_path / "export" / "cfg.json").read_text())["k"] == 4
 
 

@@ -17,8 +17,8 @@ import pytest
 import scipy.sparse as sp
 from safetensors.numpy import load_file, save_file
 
-import export_to_torch as ex
-from jax_sae.data import ActivationCache
+from jax_sae.data.cache import ActivationCache
+from jax_sae.export import saelens as ex
 from synth import metrics
 from tests.test_export import EVAL_PYTHON, REPO, eval_venv_env
 
@@ -29,7 +29,7 @@ SIZE += ["--shard-tokens", str(SHARD), "--quiet"]
 
 BUILD_SCRIPT = """
 import json, sys
-from jax_sae.data import CacheWriter
+from jax_sae.data.cache import CacheWriter
 from synth.make_world import main
 root, size = sys.argv[1], json.loads(sys.argv[2])
 for world in ("basic", "hierarchy", "temporal", "zipf"):

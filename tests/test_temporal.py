@@ -1,11 +1,11 @@
-"""`temporal` (SPEC 3.8): adaptive temporal consistency, against float64 NumPy from the SPEC."""
+"""`temporal`: adaptive temporal consistency, against float64 NumPy from the formula."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_sae.variants import VARIANTS, VariantError, make_variant
+from jax_sae.model.variants import VARIANTS, VariantError, make_variant
 from tests.helpers import assert_close, relu_sae_gradients, train_briefly
 
 D, F, B = 16, 64, 48
@@ -47,7 +47,7 @@ def np_encode(p, x):
 
 
 def np_reference(p, batch, l_max, gap_mode="relative"):
-    """SPEC 3.8 in float64; L_max is updated with this batch BEFORE a is computed."""
+    """The formula in float64; L_max is updated with this batch BEFORE a is computed."""
     x = batch["x"]
     pre, h = np_encode(p, x)
     x_hat = h @ p["W_dec"] + p["b_dec"]

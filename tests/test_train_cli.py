@@ -13,8 +13,8 @@ import pytest
 from safetensors.numpy import load_file
 
 import train
-from jax_sae.data import ActivationCache, CacheWriter
-from jax_sae.loader import Loader
+from jax_sae.data.cache import ActivationCache, CacheWriter
+from jax_sae.data.loader import Loader
 from jax_sae.training import TrainConfig
 from jax_sae.training.config import parse_overrides
 from jax_sae.training.resolve import make_loader, open_cache, resolve_run

@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from jax_sae.optim import make_optimizer, make_schedule, project_decoder_grads
-from jax_sae.train_step import make_train_step
-from jax_sae.variants import make_variant
+from jax_sae.model.variants import make_variant
+from jax_sae.training.optim import make_optimizer, make_schedule, project_decoder_grads
+from jax_sae.training.step import make_train_step
 
 D_IN, D_SAE, BATCH = 16, 64, 128
 
@@ -234,7 +234,7 @@ def test_bfloat16_batches_are_accepted():
 
 @pytest.mark.parametrize("name", ["standard", "topk"])
 def test_loss_and_gradients_vmap_over_stacked_saes(name):
-    """Several SAEs on one shared batch (SPEC 4 sweeps over seeds) give each SAE's own result."""
+    """Several SAEs on one shared batch (a sweep over seeds) give each SAE's own result."""
     variant = make_variant(
         name, D_IN, D_SAE, **({"k": 6, "dead_tokens": 1} if name == "topk" else {})
     )

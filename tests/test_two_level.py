@@ -1,14 +1,14 @@
-"""`two_level` (SPEC 3.9): parent-gated TopK levels, AuxK on both, and the clamping interventions,
-against float64 NumPy written from the SPEC."""
+"""`two_level`: parent-gated TopK levels, AuxK on both, and the clamping interventions,
+against float64 NumPy written from the formulas."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_sae import interventions
-from jax_sae.init import geometric_median
-from jax_sae.variants import VARIANTS, VariantError, gao_lr, make_variant
+from jax_sae.model import interventions
+from jax_sae.model.init import geometric_median
+from jax_sae.model.variants import VARIANTS, VariantError, gao_lr, make_variant
 from tests.helpers import assert_close, train_briefly
 
 D, F, F_C, B = 16, 64, 8, 40
@@ -42,7 +42,7 @@ def np_topk(values: np.ndarray, k: int) -> np.ndarray:
 
 
 def np_forward(p, x, k_c=HP["k_c"], k_b=HP["k_b"]):
-    """SPEC 3.9: g = topk(relu(pre_c)); h = topk(relu(pre_b) * parent_active); x_hat."""
+    """g = topk(relu(pre_c)); h = topk(relu(pre_b) * parent_active); x_hat."""
     pre_c = (x - p["b_dec"]) @ p["W_enc_c"] + p["b_enc_c"]
     pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
     g = np_topk(np.maximum(pre_c, 0), k_c)
@@ -261,8 +261,8 @@ def test_trains_through_the_real_train_step():
 
 
 def test_base_topk_selects_at_the_defaults():
-    """SPEC 3.9 revised: at the default sizes the base TopK must cut the gated candidates down on
-    most tokens (with the former defaults, 8 concepts x 8 children = 64 = k_b, it never did)."""
+    """At the default sizes the base TopK must cut the gated candidates down on
+    most tokens: k_b below the k_c * F / F_c eligible children."""
     d_in = 2304
     d_sae = VARIANTS["two_level"].suggested_d_sae(d_in)
     v = make_variant("two_level", d_in, d_sae)

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_sae.init import geometric_median
-from jax_sae.losses import dead
-from jax_sae.losses.auxk import AuxK
-from jax_sae.models import TopKSAE
-from jax_sae.variants import (
+from jax_sae.model.architectures import TopKSAE
+from jax_sae.model.init import geometric_median
+from jax_sae.model.losses import dead
+from jax_sae.model.losses.auxk import AuxK
+from jax_sae.model.variants import (
     VARIANTS,
     VariantError,
     describe_hparams,
@@ -277,9 +277,9 @@ def test_describe_hparams_format_is_unchanged():
 @pytest.mark.parametrize(
     ("variant", "owner", "where"),
     [
-        ("topk", AuxK, "jax_sae/losses/auxk.py"),
-        ("topk", TopKSAE, "jax_sae/models.py"),
-        ("standard", dead, "jax_sae/losses/dead.py"),
+        ("topk", AuxK, "jax_sae/model/losses/auxk.py"),
+        ("topk", TopKSAE, "jax_sae/model/architectures.py"),
+        ("standard", dead, "jax_sae/model/losses/dead.py"),
     ],
 )
 def test_undocumented_hyperparameter_is_refused(monkeypatch, variant, owner, where):
@@ -292,7 +292,7 @@ def test_undocumented_l1_coefficient_is_refused(monkeypatch):
     l1 = VARIANTS["temporal"].terms[0]
     assert l1.HPARAM_DOCS.keys() == {"lambda_1"}
     monkeypatch.setattr(l1, "HPARAM_DOCS", {})
-    with pytest.raises(VariantError, match="'lambda_1'.*jax_sae/losses/l1.py"):
+    with pytest.raises(VariantError, match="'lambda_1'.*jax_sae/model/losses/l1.py"):
         hparam_help("temporal")
 
 

@@ -8,7 +8,7 @@
 them from ``--config run.yaml`` (or ``.toml``; flags given next to it win), and writes the
 resolved ones to ``train_config.yaml`` in the run folder, so ``--config`` of that file repeats
 the run. Variant hyper-parameters (``hparams``; ``--set KEY=VALUE`` on the command line) are
-typed by the registry: ``jax_sae.variants.resolve_hparams`` coerces and checks them.
+typed by the registry: ``jax_sae.model.variants.resolve_hparams`` coerces and checks them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import tyro
 import yaml
 
-from jax_sae.divergence import LOSS_BLOWUP_FACTOR, MIN_EXPLAINED_VARIANCE
+from jax_sae.training.divergence import LOSS_BLOWUP_FACTOR, MIN_EXPLAINED_VARIANCE
 from jax_sae.training.engine import COMPUTE_DTYPES
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
@@ -66,8 +66,7 @@ class TrainConfig:
     compute_dtype: str = "float32"
     """matmul precision: float32 or bfloat16 (parameters stay float32)"""
     normalize: bool = True
-    """scale inputs to E||x||^2 = d_in (--no-normalize trains on raw activations, as the
-    reference template did)"""
+    """scale inputs to E||x||^2 = d_in (--no-normalize trains on raw activations)"""
     checkpoint_every: int = 1000
     """steps between checkpoints (and at the end)"""
     log_every: int | None = None

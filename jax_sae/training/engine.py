@@ -21,11 +21,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_sae.diagnostics import grad_shares_body
-from jax_sae.optim import make_optimizer
-from jax_sae.parallel import shard_train_step, state_shardings
-from jax_sae.train_step import train_step_body
-from jax_sae.variants import Variant
+from jax_sae.model.variants import Variant
+from jax_sae.parallel.layout import shard_train_step, state_shardings
+from jax_sae.training.diagnostics import grad_shares_body
+from jax_sae.training.optim import make_optimizer
+from jax_sae.training.step import train_step_body
 
 TrainState = dict[str, Any]
 """``{"params", "opt_state", "reg_state", "rng"}``: everything a checkpoint holds."""

@@ -23,16 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jax_sae import runs
-from jax_sae.checkpoint import Checkpoints
-from jax_sae.distributed import is_primary
-from jax_sae.divergence import DivergenceRule
-from jax_sae.loader import Loader
-from jax_sae.optim import make_schedule
-from jax_sae.stream import StreamingLoader
+from jax_sae.data.loader import Loader
+from jax_sae.data.stream import StreamingLoader
+from jax_sae.model.variants import Variant
+from jax_sae.parallel.distributed import is_primary
+from jax_sae.report import runs
+from jax_sae.training.checkpoint import Checkpoints
+from jax_sae.training.divergence import DivergenceRule
 from jax_sae.training.engine import Engine, TrainState
+from jax_sae.training.optim import make_schedule
 from jax_sae.training.tracking import ExperimentLog
-from jax_sae.variants import Variant
 
 GRAD_SHARE_POINTS = 50
 """Gradient shares cost one gradient per term: computed at about this many logged intervals."""

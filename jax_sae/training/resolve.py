@@ -13,11 +13,12 @@ from typing import Any
 
 from jax.sharding import Sharding
 
-from jax_sae import runs
-from jax_sae.data import ActivationCache, hook_name
-from jax_sae.defaults import adapt_hparams
-from jax_sae.loader import DEFAULT_BUFFER_CHUNKS, DEFAULT_CHUNK_TOKENS, Loader, norm_scale
-from jax_sae.stream import Producer, StreamCache, StreamingLoader
+from jax_sae.data.cache import ActivationCache, hook_name
+from jax_sae.data.loader import DEFAULT_BUFFER_CHUNKS, DEFAULT_CHUNK_TOKENS, Loader, norm_scale
+from jax_sae.data.stream import Producer, StreamCache, StreamingLoader
+from jax_sae.model.defaults import adapt_hparams
+from jax_sae.model.variants import Variant, make_variant, variant_spec
+from jax_sae.report import runs
 from jax_sae.training.config import (
     RESOLVED_CONFIG,
     ConfigError,
@@ -26,7 +27,6 @@ from jax_sae.training.config import (
     write_config_file,
 )
 from jax_sae.training.engine import optimizer_for
-from jax_sae.variants import Variant, make_variant, variant_spec
 
 DEFAULT_EVAL_TOKENS = 65536
 SPARSITY_KEYS = ("lambda", "lambda_1", "sparsity_penalty", "k", "k_b")

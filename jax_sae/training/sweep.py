@@ -1,4 +1,4 @@
-"""Sweeps (SPEC 4): the grid of ``--sweep KEY=V1,V2`` items as members that train together.
+"""Sweeps: the grid of ``--sweep KEY=V1,V2`` items as members that train together.
 
 A member is an ordinary run folder ``<sweep>/<member>/``; its settings are those of the single
 run that computes the same weights: the sweep's settings with the member's values, and the

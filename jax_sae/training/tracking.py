@@ -23,7 +23,7 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any
 
-from jax_sae.runs import METRICS, MetricsLog
+from jax_sae.report.runs import METRICS, MetricsLog
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID = "wandb_id.txt"

@@ -1,12 +1,12 @@
 """``Trainer(config).fit()``: one run, or a sweep of runs, from a TrainConfig to finished run
-folders (see ``jax_sae.runs`` for the folder layout).
+folders (see ``jax_sae.report.runs`` for the folder layout).
 
 A run folder holds config.json (resolved settings, versions, cache hash), train_config.yaml
 (the resolved TrainConfig), metrics.jsonl, checkpoints/, and at the end sae_params.safetensors,
 final_info.json (with the fast evaluation on held-out cached tokens) and plots/. A killed run
 or sweep continues bit for bit with ``resume=True``. Under ``jax.distributed`` (one process per
-host, ``jax_sae.distributed``) the mesh spans every process, each reads its own rows of every
-batch, all write the checkpoints together, and process 0 alone writes the other files. Bad
+host, ``jax_sae.parallel.distributed``) the mesh spans every process, each reads its own rows of
+every batch, all write the checkpoints together, and process 0 alone writes the other files. Bad
 settings, a damaged cache, a busy folder, a full disk or a diverged run raise the one-line
 errors of ``ONE_LINE_ERRORS``.
 """
@@ -24,18 +24,18 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from jax_sae import compare, plots, runs
-from jax_sae.checkpoint import CheckpointError, Checkpoints
-from jax_sae.data import CacheError
-from jax_sae.disk import DiskFullError, disk_full_error, is_disk_full, quiet_disk_full_in_threads
-from jax_sae.distributed import DistributedError, host_value, local_rows, primary_only
-from jax_sae.divergence import DivergenceRule, zero_reconstruction_loss
-from jax_sae.evaluate import EVAL_BATCH, evaluate
-from jax_sae.loader import Loader, LoaderError
-from jax_sae.parallel import batch_sharding, make_mesh, parse_mesh
-from jax_sae.stream import Producer, StreamingLoader, start_producer
+from jax_sae.data.cache import CacheError
+from jax_sae.data.loader import Loader, LoaderError
+from jax_sae.data.stream import Producer, StreamingLoader, start_producer
+from jax_sae.model.variants import VariantError
+from jax_sae.parallel.distributed import DistributedError, host_value, local_rows, primary_only
+from jax_sae.parallel.layout import batch_sharding, make_mesh, parse_mesh
+from jax_sae.report import compare, plots, runs
+from jax_sae.report.evaluate import EVAL_BATCH, evaluate
 from jax_sae.training import sweep as sweeps
+from jax_sae.training.checkpoint import CheckpointError, Checkpoints
 from jax_sae.training.config import RESOLVED_CONFIG, ConfigError, TrainConfig, write_config_file
+from jax_sae.training.divergence import DivergenceRule, zero_reconstruction_loss
 from jax_sae.training.engine import (
     TrainState,
     differing_hparams,
@@ -55,7 +55,12 @@ from jax_sae.training.resolve import (
     start_run_dir,
 )
 from jax_sae.training.tracking import ExperimentLog
-from jax_sae.variants import VariantError
+from jax_sae.util.disk import (
+    DiskFullError,
+    disk_full_error,
+    is_disk_full,
+    quiet_disk_full_in_threads,
+)
 
 ONE_LINE_ERRORS = (
     CacheError,
@@ -83,7 +88,9 @@ class FinishedRun:
     out: Path
     status: str  # runs.FINISHED or runs.DIVERGED
     final_loss: float | None
-    fast_eval: dict | None  # held-out evaluation (jax_sae.evaluate), None without held-out data
+    fast_eval: (
+        dict | None
+    )  # held-out evaluation (jax_sae.report.evaluate), None without held-out data
 
 
 class Trainer:
@@ -417,7 +424,10 @@ def write_outputs(
         batches = loader.heldout(EVAL_BATCH)
         results = evaluate(variant, params, batches, state=reg_state, scale=config["norm_scale"])
         fast_eval = {k: v for k, v in results.items() if k != "feature_density"}
-        fast_eval |= {"batch_size": EVAL_BATCH, "definitions": "jax_sae/evaluate.py docstring"}
+        fast_eval |= {
+            "batch_size": EVAL_BATCH,
+            "definitions": "jax_sae/report/evaluate.py docstring",
+        }
     write_final_info(out, config, variant, record, fast_eval)
     view = plots.RunView(
         variant=variant,

@@ -1,0 +1,1 @@
+"""Activations on disk: the cache format, the file loader and the streaming cache."""

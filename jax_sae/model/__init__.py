@@ -1,0 +1,1 @@
+"""The SAEs: architectures, activation functions, sparse paths, loss terms, variants."""

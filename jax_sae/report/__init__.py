@@ -1,0 +1,1 @@
+"""Reading runs back: held-out evaluation, run folders, comparisons and plots."""

@@ -1,0 +1,566 @@
+"""Compare finished runs of one activation cache (`make compare`), and report sweeps.
+
+    python -m jax_sae.report.compare RUN [RUN ...] [--out DIR] [--allow-mismatch]
+
+Reads each run folder written by train.py (`config.json`, `final_info.json`, `metrics.jsonl`; see
+`jax_sae.report.runs`) and writes to DIR (default `runs/compare`):
+
+* `comparison.md`  - one row per run: variant, the hyper-parameters that differ between runs that
+  have them, L0, explained variance under SAEBench's definition ("EV (SAEBench)", held-out fast
+  evaluation, see jax_sae/report/evaluate.py), FVU = 1 - our pooled explained variance ("FVU
+  (pooled)"), MSE per token, dead fraction, final training loss, and the headline SAEBench and
+  synthetic-world
+  metrics of runs that have them. A run without a fast evaluation shows its last logged training
+  interval instead (`metrics_from` "train"), its explained variance in its own column, "EV (train
+  batches)", never under the held-out header;
+* `comparison.json` - the same rows, machine-readable;
+* `comparison.png` - the training curves overlaid;
+* `pareto.png`     - L0 (log) against each quality metric, one colour per variant, the variant's
+  Pareto frontier as a step line (`pareto_panels` says which panels).
+
+Runs of different caches measure different data: they are refused. Runs that differ in training
+tokens, input normalisation, layer or held-out evaluation tokens (`CONSISTENCY_KEYS`) are refused
+too unless --allow-mismatch is given; then the table flags them in its `mismatch` column, the plot
+draws them hollow and the markdown says so at the top. Errors are one line, exit status 2.
+
+`write_sweep_report` writes the same table and plot for the members of one sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from jax_sae.report import runs
+
+FAST_METRICS = {
+    "l0": "l0",
+    "ev_saebench": "explained_variance",
+    "mse": "mse_per_token",
+    "dead_frac": "dead_frac",
+}
+"""Table column -> key in the fast evaluation (definitions: jax_sae/report/evaluate.py)."""
+TRAIN_METRICS = {
+    "l0": "l0",
+    "ev_train_batches": "explained_variance",
+    "mse": "recon",
+    "dead_frac": "dead_frac",
+}
+"""Fallback without a fast evaluation: the last logged training interval. Its explained variance
+is pooled per training batch, another definition: it gets its own column."""
+MEASURES = ("l0", "ev_saebench", "ev_train_batches", "fvu_pooled", "mse", "dead_frac")
+SAEBENCH_COLUMNS = {
+    "ce_loss_score": ("core evaluation results", "ce_loss_score"),
+    "kl_div_score": ("core evaluation results", "kl_div_score"),
+    "core_explained_variance": ("core evaluation results", "explained_variance"),
+    "core_l0": ("core evaluation results", "l0"),
+    "absorption": ("absorption evaluation results", "mean_absorption_fraction_score"),
+    "sparse_probing_top1": ("sparse probing evaluation results", "sae_top_1_test_accuracy"),
+    "scr_20": ("scr evaluation results", "scr_metric_threshold_20"),
+    "tpp_20": ("tpp evaluation results", "tpp_threshold_20_total_metric"),
+    "unlearning": ("unlearning evaluation results", "unlearning_score"),
+    "autointerp": ("autointerp evaluation results", "autointerp_score"),
+}
+"""Column -> (final_info.json key of the SAEBench result, metric inside `eval_result_metrics`)."""
+SYNTHETIC_KEY = "synthetic evaluation results"
+"""Where `python -m synth.evaluate` merges its results (inside the layer's training entry)."""
+SYNTHETIC_COLUMNS = {
+    "synth_mcc": ("saelens", "mcc"),
+    "synth_absorption": ("absorption", "mean"),
+}
+"""Column -> path of the metric inside the synthetic results (MCC is the headline)."""
+HEADERS = {
+    "l0": "L0",
+    "ev_saebench": "EV (SAEBench)",
+    "ev_train_batches": "EV (train batches)",
+    "fvu_pooled": "FVU (pooled)",
+    "core_explained_variance": "EV (SAEBench core)",
+    "synth_mcc": "MCC (synthetic)",
+    "synth_absorption": "absorption (synthetic)",
+}
+"""Markdown headers of the columns whose key alone does not say which definition they use."""
+DEFINITIONS = (
+    "EV (SAEBench): SAEBench core's explained variance, computed on held-out cached tokens "
+    "(jax_sae/report/evaluate.py). FVU (pooled) = 1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - "
+    "mean(x)||^2 on the same tokens. EV (train batches): the last logged training interval, for "
+    "runs without a fast evaluation.\n"
+)
+CONSISTENCY_KEYS = ("tokens", "normalize", "layer", "eval_tokens")
+"""config.json entries that must agree for runs to be compared like for like."""
+CURVES = (
+    ("loss", "training loss", "log"),
+    ("l0", "L0", "linear"),
+    ("explained_variance", "EV (train batches)", "linear"),
+)
+
+
+class Panel(NamedTuple):
+    """One panel of pareto.png: row column `y` against row column `x` (log scale)."""
+
+    x: str
+    y: str
+    x_label: str
+    y_label: str
+    higher_is_better: bool = True
+    optional: bool = True
+    log_y: bool = False
+
+
+PANELS = (
+    Panel("l0", "ev_saebench", "L0", "explained variance (SAEBench definition)", optional=False),
+    Panel("l0", "ev_train_batches", "L0 (training)", "EV (train batches)"),
+    Panel(
+        "l0", "fvu_pooled", "L0", "FVU (pooled)", higher_is_better=False, optional=False, log_y=True
+    ),
+    Panel("core_l0", "ce_loss_score", "L0 (SAEBench core)", "CE loss score (SAEBench core)"),
+    Panel("l0", "synth_mcc", "L0", "MCC (synthetic world)"),
+)
+"""Every panel pareto.png can have; an optional one only appears when some run has its metric.
+FVU spans decades across a sparsity sweep: log scale where all values are positive."""
+LABEL_POINTS_UP_TO = 10
+"""Runs named next to their points when there are at most this many (more would overlap)."""
+MARKERS = "osD^vP*Xph"
+
+
+class CompareError(ValueError):
+    """A run folder cannot be compared; the message names it and the fix."""
+
+
+def read_run(path: Path, name: str) -> dict[str, Any]:
+    """The parts of one run folder the comparison needs; `name` labels it in tables and plots."""
+    config_file = path / runs.CONFIG
+    if not config_file.is_file():
+        raise CompareError(f"{path} is not a run folder (no {runs.CONFIG}); pass runs/<name>")
+    try:
+        config = runs.read_json(config_file)
+        info = runs.read_json(path / runs.FINAL_INFO) if (path / runs.FINAL_INFO).is_file() else {}
+    except json.JSONDecodeError as error:
+        raise CompareError(f"{path}: unreadable JSON ({error}); rerun or remove it") from None
+    entry = info.get(f"training results for layer {config.get('layer')}", {})
+    return {
+        "name": name,
+        "path": path,
+        "config": config,
+        "final_info": entry.get("final_info", {}),
+        "fast_eval": entry.get(runs.FAST_EVAL_KEY) or {},
+        "results": {**info, **entry},
+        "records": runs.MetricsLog(path / runs.METRICS).read(),
+    }
+
+
+def run_names(paths: list[Path]) -> list[str]:
+    """Folder names, or paths below the common parent where names repeat (`sweep_a/m0`)."""
+    resolved = [Path(path).resolve() for path in paths]
+    if len(set(resolved)) < len(resolved):
+        twice = next(str(p) for p, r in zip(paths, resolved, strict=True) if resolved.count(r) > 1)
+        raise CompareError(f"run {twice} is given twice; pass each run folder once")
+    names = [path.name for path in resolved]
+    if len(set(names)) == len(names):
+        return names
+    parent = Path(os.path.commonpath(resolved))
+    return [str(path.relative_to(parent)) for path in resolved]
+
+
+def load_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    """`read_run` of each folder, named so that no two rows share a name."""
+    paths = [Path(path) for path in run_dirs]
+    return [read_run(path, name) for path, name in zip(paths, run_names(paths), strict=True)]
+
+
+def check_same_cache(loaded: list[dict]) -> None:
+    hashes = {run["name"]: run["config"].get("cache_manifest_sha256") for run in loaded}
+    if len(set(hashes.values())) > 1:
+        listed = ", ".join(f"{name} ({h and h[:12]})" for name, h in hashes.items())
+        raise CompareError(
+            f"runs come from different activation caches: {listed}; compare runs of one cache"
+        )
+
+
+def mismatches(loaded: list[dict]) -> dict[str, dict[str, Any]]:
+    """For each `CONSISTENCY_KEYS` entry on which runs disagree: run name -> its value (None
+    where the config lacks it)."""
+    found = {}
+    for key in CONSISTENCY_KEYS:
+        values = {run["name"]: run["config"].get(key) for run in loaded}
+        if len({json.dumps(value) for value in values.values()}) > 1:
+            found[key] = values
+    return found
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else json.dumps(value)
+
+
+def _by_value(values: dict[str, Any]) -> tuple[str, dict[str, list[str]]]:
+    """The most common value as shown (ties: the first run's), and the runs holding each one."""
+    groups: dict[str, list[str]] = {}
+    for name, value in values.items():
+        groups.setdefault(_shown(value), []).append(name)
+    return max(groups, key=lambda shown: len(groups[shown])), groups
+
+
+def mismatch_summary(found: dict[str, dict[str, Any]]) -> str:
+    """`tokens (c: 8192; a, b: 4096), ...`: the odd runs by name first, then the common value's
+    (as "the other N" beyond a few, so a large sweep stays readable)."""
+    parts = []
+    for key, values in found.items():
+        common, groups = _by_value(values)
+        listed = [f"{', '.join(names)}: {v}" for v, names in groups.items() if v != common]
+        names = groups[common]
+        majority = ", ".join(names) if len(names) <= 3 else f"the other {len(names)}"
+        parts.append(f"{key} ({'; '.join([*listed, f'{majority}: {common}'])})")
+    return ", ".join(parts)
+
+
+def mismatch_flags(found: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Per run, `key=value` for each key where it differs from the most common value, so the odd
+    ones out are flagged rather than every run."""
+    flags: dict[str, list[str]] = {}
+    for key, values in found.items():
+        common, groups = _by_value(values)
+        odd = [
+            (name, shown) for shown, names in groups.items() if shown != common for name in names
+        ]
+        for name, shown in odd:
+            flags.setdefault(name, []).append(f"{key}={shown}")
+    return {name: "; ".join(keys) for name, keys in flags.items()}
+
+
+def check_consistency(loaded: list[dict], allow_mismatch: bool) -> dict[str, dict[str, Any]]:
+    """Refuse runs of different caches, and (unless allowed) runs trained or evaluated on a
+    different footing; returns the allowed mismatches."""
+    check_same_cache(loaded)
+    found = mismatches(loaded)
+    if found and not allow_mismatch:
+        raise CompareError(
+            f"runs differ in {mismatch_summary(found)}; compare runs trained and evaluated alike, "
+            "or pass --allow-mismatch to compare them flagged"
+        )
+    return found
+
+
+def differing_hparams(loaded: list[dict]) -> list[str]:
+    """Hyper-parameters (and d_sae, layer) that several runs have, with different values there.
+
+    A key only one run has (e.g. `lambda_2` next to `topk` runs) is named by the variant column.
+    """
+    settings = [run["config"].get("hparams", {}) | _sizes(run["config"]) for run in loaded]
+    differing = []
+    for key in sorted(set().union(*settings)):
+        values = [json.dumps(s[key], sort_keys=True) for s in settings if key in s]
+        if len(values) > 1 and len(set(values)) > 1:
+            differing.append(key)
+    return differing
+
+
+def _sizes(config: dict) -> dict[str, Any]:
+    return {"d_sae": config.get("d_sae"), "layer": config.get("layer")}
+
+
+def saebench_metric(results: dict, key: str, metric: str) -> float | None:
+    """`metric` anywhere in `results[key]["eval_result_metrics"]` (SAEBench groups metrics)."""
+    groups = results.get(key, {}).get("eval_result_metrics", {})
+    for group in groups.values():
+        if isinstance(group, dict) and isinstance(group.get(metric), int | float):
+            return float(group[metric])
+    return None
+
+
+def nested_metric(results: dict, path: tuple[str, ...]) -> float | None:
+    """The number at `path` inside nested dicts, None where any step is missing."""
+    value: Any = results
+    for step in path:
+        value = value.get(step) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def measures(run: dict) -> dict[str, Any]:
+    """The metric columns of one run, each explained-variance definition in its own column."""
+    fast, last = run["fast_eval"], (run["records"] or [{}])[-1]
+    source, keys = (fast, FAST_METRICS) if fast else (last, TRAIN_METRICS)
+    row: dict[str, Any] = dict.fromkeys(MEASURES)
+    row |= {column: source.get(key) for column, key in keys.items()}
+    pooled = fast.get("explained_variance_pooled")
+    row["fvu_pooled"] = None if pooled is None else 1.0 - pooled
+    row["metrics_from"] = "held-out" if fast else "train"
+    row["final_loss"] = run["final_info"].get("final_loss", last.get("loss"))
+    for column, (key, metric) in SAEBENCH_COLUMNS.items():
+        row[column] = saebench_metric(run["results"], key, metric)
+    synthetic = run["results"].get(SYNTHETIC_KEY, {})
+    for column, path in SYNTHETIC_COLUMNS.items():
+        row[column] = nested_metric(synthetic, path)
+    return row
+
+
+def summarise(run: dict, differing: list[str], flags: dict[str, str]) -> dict[str, Any]:
+    """One row of comparison.md."""
+    settings = run["config"].get("hparams", {}) | _sizes(run["config"])
+    return {
+        "run": run["name"],
+        "variant": run["config"].get("variant"),
+        "hparams": ", ".join(f"{k}={settings[k]}" for k in differing if k in settings) or None,
+        "mismatch": flags.get(run["name"]),
+        **measures(run),
+    }
+
+
+def sweep_row(run: dict, flags: dict[str, str]) -> dict[str, Any]:
+    """One row of sweep.md: the member and its swept values (config.json "sweep" -> "swept")."""
+    swept = run["config"].get("sweep", {}).get("swept", {})
+    return {
+        "run": run["name"],
+        "variant": run["config"].get("variant"),
+        **swept,
+        "mismatch": flags.get(run["name"]),
+        **measures(run),
+    }
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows: list[dict], headers: dict[str, str] = HEADERS) -> str:
+    """Columns in order of first appearance, those empty in every row left out."""
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    columns = [c for c in keys if any(row.get(c) is not None for row in rows)]
+    lines = [
+        "| " + " | ".join(headers.get(c, c) for c in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def mismatch_note(found: dict[str, dict[str, Any]]) -> str:
+    """The warning atop a report of runs that are not like for like ("" when they are)."""
+    if not found:
+        return ""
+    return (
+        f"> **Not like for like** (--allow-mismatch): runs differ in {mismatch_summary(found)}. "
+        "The odd ones out are named in the `mismatch` column and drawn hollow in pareto.png.\n\n"
+    )
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated (L0, quality) points, by increasing L0: no other point has
+    L0 as low or lower and quality as high or higher (equal points are all kept)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1], i))
+    front: list[int] = []
+    for i in order:
+        if not front or points[i][1] > points[front[-1]][1] or points[i] == points[front[-1]]:
+            front.append(i)
+    return front
+
+
+def _plottable(row: dict, panel: Panel) -> bool:
+    x, y = row.get(panel.x), row.get(panel.y)
+    numbers = isinstance(x, int | float) and isinstance(y, int | float)
+    return numbers and math.isfinite(x) and math.isfinite(y) and x > 0
+
+
+def pareto_panels(rows: list[dict]) -> list[Panel]:
+    """The panels of pareto.png: EV (SAEBench) and FVU (pooled) always, the optional ones
+    (training-batch EV, SAEBench CE loss score, synthetic MCC) where some run has a point."""
+    return [p for p in PANELS if not p.optional or any(_plottable(r, p) for r in rows)]
+
+
+def _variant_styles(rows: list[dict]) -> dict[Any, tuple[str, str]]:
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    return {v: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, v in enumerate(variants)}
+
+
+def _plain_log_ticks(axis: Any, values: list[float]) -> None:
+    """Log-axis ticks as plain numbers (20, 0.3; not 2x10^1, 3e-01): 1-2-5 per decade, every
+    digit when the values span less than a decade, evenly spaced when less than a factor 2."""
+    from matplotlib import ticker
+
+    low, high = min(values), max(values)
+    if high < 2 * low:  # too narrow for any log ticks: a few evenly spaced ones
+        axis.set_major_locator(ticker.MaxNLocator(4))
+    else:
+        subs = tuple(range(1, 10)) if high < 10 * low else (1.0, 2.0, 5.0)
+        axis.set_major_locator(ticker.LogLocator(subs=subs))
+    axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _draw_panel(ax: Any, panel: Panel, rows: list[dict], styles: dict) -> None:
+    """Each run as a point (hollow when mismatched), each variant's frontier as a step line."""
+    sign = 1.0 if panel.higher_is_better else -1.0
+    drawn = [r for r in rows if _plottable(r, panel)]
+    for variant, (colour, marker) in styles.items():
+        mine = [r for r in drawn if r["variant"] == variant]
+        if not mine:
+            continue
+        xs, ys = [r[panel.x] for r in mine], [r[panel.y] for r in mine]
+        faces = ["none" if r.get("mismatch") else colour for r in mine]
+        ax.scatter(xs, ys, marker=marker, s=36, zorder=3, facecolors=faces, edgecolors=colour)
+        if len(rows) <= LABEL_POINTS_UP_TO:
+            for row, x, y in zip(mine, xs, ys, strict=True):
+                ax.annotate(
+                    row["run"], (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7
+                )
+        front = pareto_front([(x, sign * y) for x, y in zip(xs, ys, strict=True)])
+        if len(front) > 1:
+            fx, fy = [xs[i] for i in front], [ys[i] for i in front]
+            ax.step(fx, fy, where="post", color=colour, linewidth=1.3, alpha=0.8, zorder=2)
+    ax.set(xscale="log", xlabel=f"{panel.x_label} (log)", ylabel=panel.y_label)
+    if drawn:
+        _plain_log_ticks(ax.xaxis, [r[panel.x] for r in drawn])
+    if drawn and panel.log_y and min(r[panel.y] for r in drawn) > 0:
+        ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis, [r[panel.y] for r in drawn])
+    better = "higher" if panel.higher_is_better else "lower"
+    ax.set_title(f"{better} is better", fontsize=9)
+    ax.grid(alpha=0.3, which="both", linewidth=0.5)
+    if not drawn:
+        ax.text(0.5, 0.5, "no run has this metric", ha="center", transform=ax.transAxes)
+
+
+def pareto_plot(rows: list[dict], path: Path, title: str) -> Path:
+    """L0 (log) against each panel's metric, per variant, with its Pareto frontier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    panels = pareto_panels(rows)
+    styles = _variant_styles(rows)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.2 * len(panels) + 1.6, 3.8), layout="constrained", squeeze=False
+    )
+    for ax, panel in zip(axes[0], panels, strict=True):
+        _draw_panel(ax, panel, rows, styles)
+    handles = [
+        Line2D([], [], color=c, marker=m, label=str(variant)) for variant, (c, m) in styles.items()
+    ]
+    if any(row.get("mismatch") for row in rows):
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color="gray",
+                marker="o",
+                markerfacecolor="none",
+                linestyle="none",
+                label="mismatch (see table)",
+            )
+        )
+    fig.legend(
+        handles=handles,
+        loc="outside right upper",
+        fontsize=8,
+        title="variant (line: Pareto frontier)",
+    )
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=200)
+    plt.close(fig)
+    return path
+
+
+def curves_plot(loaded: list[dict], out: Path) -> Path:
+    """The training curves of every run overlaid: comparison.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
+    for ax, (key, label, scale) in zip(axes, CURVES, strict=True):
+        for run in loaded:
+            points = [(r["tokens"], r[key]) for r in run["records"] if key in r and "tokens" in r]
+            if points:
+                tokens, values = zip(*points, strict=True)
+                ax.plot(tokens, values, label=run["name"])
+        positive = all(v > 0 for line in ax.get_lines() for v in line.get_ydata())
+        ax.set(xlabel="training tokens", ylabel=label, yscale=scale if positive else "linear")
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "comparison.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def compare(run_dirs: list[Path], out: Path, *, allow_mismatch: bool = False) -> list[dict]:
+    """Write comparison.md/.json/.png and pareto.png for `run_dirs` into `out`; returns the
+    table rows."""
+    if not run_dirs:
+        raise CompareError("no runs given; pass one or more run folders (runs/<name>)")
+    loaded = load_runs(run_dirs)
+    found = check_consistency(loaded, allow_mismatch)
+    flags = mismatch_flags(found)
+    differing = differing_hparams(loaded)
+    rows = [summarise(run, differing, flags) for run in loaded]
+    out.mkdir(parents=True, exist_ok=True)
+    cache = loaded[0]["config"].get("cache", "?")
+    header = f"# Comparison of {len(rows)} runs on cache `{cache}`\n\n{mismatch_note(found)}"
+    body = f"{markdown_table(rows)}\n{DEFINITIONS}\n![Pareto frontiers](pareto.png)\n"
+    (out / "comparison.md").write_text(header + body)
+    runs.write_json(out / "comparison.json", rows)
+    curves_plot(loaded, out)
+    pareto_plot(rows, out / "pareto.png", f"Pareto frontiers: {len(rows)} runs on cache {cache}")
+    return rows
+
+
+def write_sweep_report(sweep_dir: Path, member_dirs: list[Path]) -> Path:
+    """`sweep_dir/sweep.md` (one row per member with its swept values) and `sweep_dir/pareto.png`;
+    returns the markdown's path. Members share cache and tokens by construction: a mismatch is
+    flagged, not refused, so a finished sweep always gets its report."""
+    sweep_dir = Path(sweep_dir)
+    if not member_dirs:
+        raise CompareError(f"sweep {sweep_dir} has no members to report")
+    loaded = load_runs(member_dirs)
+    found = check_consistency(loaded, allow_mismatch=True)
+    flags = mismatch_flags(found)
+    rows = [sweep_row(run, flags) for run in loaded]
+    config = loaded[0]["config"]
+    name = config.get("sweep", {}).get("name") or sweep_dir.name
+    cache = config.get("cache", "?")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    header = f"# Sweep `{name}`: {len(rows)} members on cache `{cache}`\n\n{mismatch_note(found)}"
+    table = markdown_table(rows, HEADERS | {"run": "member"})
+    path = sweep_dir / "sweep.md"
+    path.write_text(f"{header}{table}\n{DEFINITIONS}\n![Pareto frontiers](pareto.png)\n")
+    pareto_plot(
+        rows, sweep_dir / "pareto.png", f"Pareto frontiers: sweep {name}, {len(rows)} members"
+    )
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
+    parser.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="compare runs that differ in tokens, normalize, layer or eval_tokens, flagged",
+    )
+    args = parser.parse_args(argv)
+    try:
+        rows = compare(args.runs, args.out, allow_mismatch=args.allow_mismatch)
+    except CompareError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown_table(rows), end="")
+    written = "comparison.md, comparison.json, comparison.png and pareto.png"
+    print(f"wrote {written} in {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
