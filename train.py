@@ -30,9 +30,11 @@ from jax_sae.training.config import parse_overrides, read_config_file
 class Command:
     train: Annotated[TrainConfig, tyro.conf.OmitArgPrefixes]
     set: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """KEY=VALUE: a variant hyper-parameter or d_sae (value parsed as JSON, else a string)"""
+    """KEY=VALUE: a variant hyper-parameter or d_sae (value parsed as JSON, else a string); each
+    replaces that key of the --config file's hparams, the file's other keys stay"""
     config: str | None = None
-    """YAML or TOML file of TrainConfig settings; flags given next to it win"""
+    """YAML or TOML file of TrainConfig settings; flags given next to it win (--sweep replaces the
+    file's sweep list, --steps or --tokens its run length)"""
     help_variant: str | None = None
     """print every hyper-parameter of this variant with its default and meaning, then exit"""
 
@@ -62,20 +64,45 @@ def one_line(text: str) -> str:
     return " ".join(paragraph) or "invalid arguments"
 
 
+REPLACED_TOGETHER = (("sweep",), ("steps", "tokens"))
+"""Settings that a command line replaces as a whole in a --config file: --sweep the file's sweep
+list (a default list would be appended to), --steps or --tokens the file's run length (both are
+one setting, given one way)."""
+
+
+def config_path(argv: list[str]) -> str | None:
+    """The last ``--config PATH`` (or ``--config=PATH``) of the command line."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.partition("=")[2]
+    return path
+
+
 def parse_command(argv: list[str]) -> Command:
     """The command line, with --config's settings as defaults. Usage errors exit with status 2
     after one ``error:`` line; --help exits with 0."""
-    pre = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
-    settings = read_config_file(pre[-1]) if pre else {}
-    default = Command(train=TrainConfig(**settings), config=pre[-1] if pre else None)
+    path = config_path(argv)
+    settings = read_config_file(path) if path is not None else {}
+    names = [name for group in REPLACED_TOGETHER for name in group if name in settings]
+    held = {name: settings.pop(name) for name in names}
+    default = Command(train=TrainConfig(**settings), config=path)
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return tyro.cli(Command, args=argv, default=default, description=description())
+            command = tyro.cli(Command, args=argv, default=default, description=description())
     except SystemExit as exit_:
         if exit_.code:
             print(f"error: {one_line(captured.getvalue())} (see train.py --help)", file=sys.stderr)
         raise
+    unset = TrainConfig()
+    for group in REPLACED_TOGETHER:  # none of the group on the command line: the file's values
+        if all(getattr(command.train, name) == getattr(unset, name) for name in group):
+            given = {name: held[name] for name in group if name in held}
+            command.train = command.train.replace(**given)
+    return command
 
 
 def main(argv: list[str] | None = None) -> int:

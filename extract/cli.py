@@ -184,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resume=args.resume,
         progress=not args.quiet,
         disk_budget=args.disk_budget,
+        announce_open=args.parent_pid is not None,
     )
     try:
         out = extract(cfg)

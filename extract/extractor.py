@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -47,8 +48,9 @@ from extract.sources import (
     resolve_dataset,
     resolve_model,
 )
-from jax_sae.data.cache import CacheWriter, hook_name
+from jax_sae.data.cache import PRODUCER_OPEN, CacheWriter, hook_name
 from jax_sae.util.disk import DiskFullError, disk_full_error, is_disk_full
+from jax_sae.util.files import write_json_atomic
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_SHARD_TOKENS = 131_072  # ~600 MB per layer and shard for Gemma-2-2b in bfloat16
@@ -83,6 +85,7 @@ class ExtractConfig:
     attn_implementation: str = "eager"  # Gemma-2's attention soft-capping is exact only in eager
     progress: bool = True
     disk_budget: int | None = None  # bytes of shard files on disk at most (streaming)
+    announce_open: bool = False  # write PRODUCER_OPEN once the cache is accepted (streaming)
 
     def validate(self) -> None:
         checks = [
@@ -475,6 +478,8 @@ class Extraction:
             resume=cfg.resume,
             disk_budget=cfg.disk_budget,
         )
+        if cfg.announce_open:  # the trainer beside us learns that its settings were accepted
+            write_json_atomic(self.out / PRODUCER_OPEN, {"pid": os.getpid()})
         if writer.manifest.get("complete"):
             print(f"{self.out} is already complete ({writer.n_tokens} tokens)", file=sys.stderr)
             return self.out

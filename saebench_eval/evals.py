@@ -35,7 +35,7 @@ def result_key(eval_name: str) -> str:
 
 @dataclass(frozen=True)
 class CoreSettings:
-    """SAEBench core's reference configuration (the template's `core.multiple_evals` call)."""
+    """SAEBench core's reference configuration (`core.multiple_evals` at its defaults)."""
 
     dataset: str = "Skylion007/openwebtext"
     context_size: int = 128
@@ -173,7 +173,7 @@ def hub_eval_call(
     config_class = getattr(
         importlib.import_module(f"sae_bench.evals.{spec.package}.eval_config"), spec.config_class
     )
-    # the template evaluates unlearning on the instruction-tuned model (gemma-2-2b-it)
+    # SAEBench evaluates unlearning on the instruction-tuned model (gemma-2-2b-it)
     model_name = f"{llm.model_name}-it" if eval_name == "unlearning" else llm.model_name
     config = config_class(
         model_name=model_name,

@@ -18,19 +18,20 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from jax_sae.util.files import write_text_atomic
+
 # Module level stays standard-library only: the checks below run (and are tested) without the
 # heavy SAEBench imports, so a refusal comes at once.
 OFFLINE_EVALS = ("core", "meta_structure")  # core on a local model; meta_structure needs no LLM
 HUB_EVALS = ("absorption", "scr", "tpp", "sparse_probing", "unlearning", "autointerp")
 DEFAULT_EVALS = ("core", "absorption", "scr", "tpp", "sparse_probing", "unlearning")
-# the template's LLM settings per model; others run in float32
+# the language model's settings per model (SAEBench's for Gemma); others run in float32
 LLM_DEFAULTS = {"gemma-2-2b": {"dtype": "bfloat16", "batch_size": 32}}
 HUB_PROBE_TIMEOUT_S = 5.0
 
@@ -87,11 +88,7 @@ def merge_into_final_info(run_dir: Path, key: str, result_path: Path) -> None:
     info_path = run_dir / "final_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     info[key] = result
-    fd, tmp = tempfile.mkstemp(prefix=".final_info.", dir=run_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, info_path)
+    write_text_atomic(info_path, json.dumps(info, indent=2) + "\n")
 
 
 def offline_corpus(args: argparse.Namespace, run_dir: Path) -> Path:

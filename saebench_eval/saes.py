@@ -10,7 +10,7 @@ from sae_bench.custom_saes.custom_sae_config import CustomSAEConfig
 from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
 from sae_lens import SAE
 
-from jax_sae.export.saelens import EXPORT_CONFIG, EXPORT_WEIGHTS, TwoLevelSAE
+from jax_sae.export.torch_twins import EXPORT_CONFIG, EXPORT_WEIGHTS, load_twin
 
 
 class ExportFolderError(ValueError):
@@ -30,12 +30,13 @@ def load_exported_sae(export_dir: str | Path, name: str, device: str = "cpu") ->
     """The exported SAE with SAEBench's standardised `cfg` (hook layer, model name, ...).
 
     SAELens architectures go through `SAE.load_from_disk` (its strict loader is the check that the
-    export is well-formed); `two_level` becomes our custom module with a SAEBench config.
+    export is well-formed); one SAELens lacks becomes its torch twin with a SAEBench config.
     """
     export_dir = Path(export_dir)
     cfg = read_export_config(export_dir)
-    if cfg["architecture"] == "two_level":
-        sae = TwoLevelSAE.load(export_dir).to(device)
+    twin = load_twin(export_dir)
+    if twin is not None:
+        sae = twin.to(device)
         meta = cfg["metadata"]
         sae.cfg = CustomSAEConfig(
             model_name=meta["model_name"],
@@ -44,7 +45,7 @@ def load_exported_sae(export_dir: str | Path, name: str, device: str = "cpu") ->
             hook_layer=meta["hook_layer"],
             hook_name=meta["hook_name"],
             context_size=meta["context_size"],
-            architecture="two_level",
+            architecture=cfg["architecture"],
             apply_b_dec_to_input=True,
             prepend_bos=meta["prepend_bos"],
             dtype=cfg["dtype"],

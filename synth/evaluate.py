@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from jax_sae.data.cache import write_json_atomic
+from jax_sae.util.files import write_json_atomic
 from synth import metrics
 from synth.make_world import GROUND_TRUTH, MODEL_PREFIX, WORLD_DIR
 
@@ -66,10 +66,11 @@ def load_sae(export_dir: Path, device: str) -> Any:
             f"{export_dir} holds no export; run `python export_to_torch.py RUN_DIR --force` "
             "first (make synth-eval does)"
         )
-    if json.loads(cfg_file.read_text()).get("architecture") == "two_level":
-        from jax_sae.export.saelens import TwoLevelSAE
+    from jax_sae.export.torch_twins import load_twin
 
-        return TwoLevelSAE.load(export_dir).to(device)
+    twin = load_twin(export_dir)
+    if twin is not None:
+        return twin.to(device)
     from sae_lens import SAE
 
     return SAE.load_from_disk(export_dir, device=device)

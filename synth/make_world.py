@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from jax_sae.data.cache import MANIFEST, CacheWriter
+from jax_sae.util.files import write_bytes_atomic
 from synth import WORLDS
 
 LAYER = 0
@@ -182,12 +182,9 @@ def build_world(args: argparse.Namespace) -> Path:
                 bar.update(size * seq_len)
             if (first + size) * seq_len > offset:
                 heldout.append(codes[max(0, offset - first * seq_len) :])
-    tmp = out / (GROUND_TRUTH + ".tmp")
-    save_file(
-        ground_truth(model, worlds.parent_index(model), heldout, offset), str(tmp),
-        metadata={"world": world, "persistence": str(persistence), "layer": str(LAYER)},
-    )  # fmt: skip
-    os.replace(tmp, out / GROUND_TRUTH)
+    truth = ground_truth(model, worlds.parent_index(model), heldout, offset)
+    metadata = {"world": world, "persistence": str(persistence), "layer": str(LAYER)}
+    write_bytes_atomic(out / GROUND_TRUTH, save(truth, metadata=metadata))
     writer.finish()
     return out
 

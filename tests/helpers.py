@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_sae.data.cache import MANIFEST, STORAGE_DTYPES, scan_array, shard_file, write_json_atomic
+from jax_sae.data.cache import MANIFEST, STORAGE_DTYPES, scan_array, shard_file
 from jax_sae.training.optim import make_optimizer
 from jax_sae.training.step import make_train_step
+from jax_sae.util.files import write_json_atomic
 
 
 def assert_close(actual, expected, rtol: float = 2e-5, what: str = "") -> None:

@@ -17,9 +17,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jax_sae.data.cache import write_json_atomic  # noqa: E402
 from jax_sae.data.loader import norm_scale  # noqa: E402
 from jax_sae.data.stream import Producer, StreamCache, StreamingLoader  # noqa: E402
+from jax_sae.util.files import write_json_atomic  # noqa: E402
 
 LAYER = 2
 BATCH = 32

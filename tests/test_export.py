@@ -105,7 +105,7 @@ def test_folded_sae_on_raw_x_reproduces_the_sae_trained_on_scaled_x(arch, scale)
     a = random_arrays(arch, rng)
     x = rng.normal(size=(64, D)) / scale
     h_trained = encode_ref(arch, a, scale * x, K_OF[arch])
-    folded = ex.unit_norm_decoder(ex.fold_input_scale(a, scale), arch)
+    folded = ex.unit_norm_decoder(ex.fold_input_scale(a, scale), legacy_form(arch, a))
     h = encode_ref(arch, folded, x, K_OF[arch])
     assert np.count_nonzero(h) > 0 and np.count_nonzero(h == 0) > 0  # the test can see sparsity
     np.testing.assert_allclose(h, h_trained / scale, rtol=1e-5, atol=1e-5)
@@ -122,7 +122,7 @@ def test_non_unit_decoder_rows_fold_exactly_into_the_encoder(arch):
     rng = np.random.default_rng(1)
     a = random_arrays(arch, rng, unit_rows=False)
     x = rng.normal(size=(64, D))
-    folded = ex.unit_norm_decoder(a, arch)
+    folded = ex.unit_norm_decoder(a, legacy_form(arch, a))
     np.testing.assert_allclose(np.linalg.norm(folded["W_dec"], axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(
         decode_ref(folded, encode_ref(arch, folded, x)),
@@ -135,12 +135,18 @@ def test_non_unit_decoder_rows_fold_exactly_into_the_encoder(arch):
 def test_topk_with_non_unit_decoder_rows_is_refused():
     a = random_arrays("topk", np.random.default_rng(2), unit_rows=False)
     with pytest.raises(ex.ExportError, match="unit norm"):
-        ex.unit_norm_decoder(a, "topk")
+        ex.unit_norm_decoder(a, legacy_form("topk", a))
 
 
 # ------------------------------------------------------------------------------------------------
 # export folder contents and bad inputs
 # ------------------------------------------------------------------------------------------------
+
+
+def legacy_form(architecture: str, arrays: dict) -> dict:
+    """The export form of a run of `architecture` from before runs recorded one."""
+    info = {"architecture": architecture, "k": 8, "k_c": 2, "k_b": 4}
+    return ex.legacy_export_form({"export_info": info, "d_sae": arrays["b_enc"].shape[0]}, arrays)
 
 
 def write_run(run_dir: Path, variant: str, arrays: dict, *, norm_scale: float = 1.0, **extra):
@@ -423,14 +429,15 @@ def variant_case(name: str, rng: np.random.Generator, x: np.ndarray) -> tuple[di
         "h_ref": np.asarray(h) / scale,
         "x_hat_ref": np.asarray(v.decode(params, h)) / scale,
     }
-    return arrays, dict(v.hparams), reference
+    return arrays, {"hparams": dict(v.hparams), "export_form": v.export_form()}, reference
 
 
 def spec_case(name: str, rng: np.random.Generator, x: np.ndarray) -> tuple[dict, dict, dict]:
     _, hparams, scale, _ = ROUND_TRIPS[name]
     arrays = random_arrays("two_level", rng)
     h = encode_ref("two_level", arrays, scale * x, (hparams["k_b"], hparams["k_c"]))
-    return arrays, hparams, {"h_ref": h / scale, "x_hat_ref": decode_ref(arrays, h) / scale}
+    reference = {"h_ref": h / scale, "x_hat_ref": decode_ref(arrays, h) / scale}
+    return arrays, {"hparams": hparams}, reference  # no export_form: a run from before it
 
 
 @pytest.fixture(scope="module")
@@ -444,12 +451,12 @@ def round_trips(tmp_path_factory):
     for name, (variant, _, scale, _) in ROUND_TRIPS.items():
         x = (rng.normal(size=(64, D)) / scale).astype(np.float32)
         if name.endswith("-spec"):
-            arrays, hparams, references[name] = spec_case(name, rng, x)
+            arrays, settings, references[name] = spec_case(name, rng, x)
         elif variant in VARIANTS:
-            arrays, hparams, references[name] = variant_case(name, rng, x)
+            arrays, settings, references[name] = variant_case(name, rng, x)
         else:
             continue
-        run = write_run(tmp / name, variant, arrays, norm_scale=scale, hparams=hparams)
+        run = write_run(tmp / name, variant, arrays, norm_scale=scale, **settings)
         ex.export_run(run)
         np.save(tmp / f"{name}.x.npy", x)
         files = {"x": str(tmp / f"{name}.x.npy"), "out": str(tmp / f"{name}.out.npz")}
@@ -485,3 +492,36 @@ def test_saelens_export_matches_our_encode_decode(round_trips, name):
     assert np.count_nonzero(h) > 0 and np.count_nonzero(h == 0) > 0  # sparsity is visible
     np.testing.assert_allclose(result["h"], h, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(result["x_hat"], result["x_hat_ref"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_each_architecture_records_the_form_the_exporter_used_before(name, tmp_path):
+    """`export_form` (recorded by the model class) and the form the exporter derived from the
+    variant before runs recorded one agree, and give byte-identical export folders."""
+    hparams = {"k": 8} if name in ("topk", "batchtopk", "hier_ortho") else {}
+    variant = make_variant(name, D, F, **hparams)
+    arrays = variant.params_to_arrays(variant.init_params(jax.random.key(0)))
+    info = variant.export_info(variant.init_params(jax.random.key(0)), variant.init_state())
+    if "threshold" in info:
+        arrays["threshold"] = np.full(F, 0.1, np.float32)
+    legacy = write_run(tmp_path / "legacy", name, arrays, hparams=dict(variant.hparams))
+    recorded = write_run(
+        tmp_path / "recorded", name, arrays, hparams=dict(variant.hparams),
+        export_form=variant.export_form(),
+    )  # fmt: skip
+    config = json.loads((legacy / ex.RUN_CONFIG).read_text())
+    assert ex.legacy_export_form(config, arrays) == json.loads(json.dumps(variant.export_form()))
+    exports = [ex.export_run(run) for run in (legacy, recorded)]
+    cfgs = [json.loads((out / "cfg.json").read_text()) for out in exports]
+    for cfg in cfgs:
+        del cfg["metadata"]["exported_from"]
+    assert cfgs[0] == cfgs[1] and list(cfgs[0]) == list(cfgs[1])
+    weights = [(out / "sae_weights.safetensors").read_bytes() for out in exports]
+    assert weights[0] == weights[1]
+
+
+def test_a_damaged_export_form_is_refused_in_one_line(tmp_path, capsys):
+    run = _standard_run(tmp_path / "run", export_form={"architecture": "standard"})
+    assert ex.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "export_form is damaged" in err and err.count("\n") == 1

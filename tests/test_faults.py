@@ -268,7 +268,7 @@ def _no_space_on_write(path, write):
     ("patch", "message"),
     [
         (("free_bytes", lambda path: 5000), "shard 0 needs about"),  # seen before writing
-        (("_write_atomic", _no_space_on_write), "still to write"),  # a write that fails
+        (("write_atomic", _no_space_on_write), "still to write"),  # a write that fails
     ],
 )
 def test_case5_full_disk_while_extracting(

@@ -261,7 +261,7 @@ def test_driver_needs_an_export_first(tmp_path, capsys):
 
 def test_hub_evals_are_called_with_the_reference_configs(offline_eval):
     """They need the hub, so only their calls are checked: each binds to SAEBench's `run_eval`
-    (in the fixture's `.venv-eval` process) with the template's model and settings."""
+    (in the fixture's `.venv-eval` process) with SAEBench's model and settings."""
     calls = offline_eval["hub_calls"]
     assert set(calls) == set(driver.HUB_EVALS)
     assert calls["unlearning"]["model_name"] == "gemma-2-2b-it"

@@ -32,7 +32,6 @@ from jax_sae.data.cache import (
     CacheError,
     CacheWriter,
     shard_file,
-    write_json_atomic,
 )
 from jax_sae.data.stream import (
     StreamCache,
@@ -41,6 +40,7 @@ from jax_sae.data.stream import (
     StreamOrder,
     start_producer,
 )
+from jax_sae.util.files import write_json_atomic
 from tests import stream_consumer as consumer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -79,3 +79,21 @@ def test_streamed_sweep_over_sizes_is_refused(tiny_model_dir, tiny_corpus, tmp_p
     args = argv(tiny_model_dir, tiny_corpus, tmp_path / "c", tmp_path / "run", True)
     assert train.main([*args, "--sweep", "d_sae=64,128"]) == 2
     assert "a stream is read once" in capsys.readouterr().err
+
+
+def test_a_refused_extractor_stops_the_trainer(unbudgeted, tiny_model_dir, tiny_corpus, tmp_path):
+    """--stream pointed at a complete cache extracted with other settings: the extractor refuses
+    it, and the trainer must stop in one line instead of training on the old cache."""
+    out = tmp_path / "run"
+    args = argv(tiny_model_dir, tiny_corpus, unbudgeted / "c", out, False)
+    args = [a.replace("--ctx-len 64", "--ctx-len 32") for a in args]  # other settings
+    manifest = (unbudgeted / "c" / MANIFEST).read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "the extractor writing" in errors[0] and "settings differ" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not (out / "sae_params.safetensors").exists()
+    assert (unbudgeted / "c" / MANIFEST).read_bytes() == manifest

@@ -291,5 +291,5 @@ def test_dense_hparam_selects_the_dense_reference_path(cache, tmp_path):
     )
     loader = make_loader(base, open_cache(base))
     dense = resolve_run(base.replace(hparams={**base.hparams, "dense": True}), loader, tmp_path)
-    assert dense.variant.hparams["dense"] is True and dense.config["hparams"]["dense"] is True
+    assert dense.variant.hparams["dense"] is True and dense.config.hparams["dense"] is True
     assert resolve_run(base, loader, tmp_path).variant.hparams["dense"] is False

@@ -34,6 +34,7 @@ import ml_dtypes
 import numpy as np
 
 from jax_sae.util.disk import human_bytes, require_space
+from jax_sae.util.files import TMP_SUFFIX, fsync_dir, write_atomic, write_json_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -53,6 +54,8 @@ RELEASE = "release.json"
 """Written by a streaming trainer after each checkpoint: shards with an index below
 ``released_below``, except those ``pinned``, are read by no step from checkpoint ``step`` on."""
 RELEASE_FIELDS = {"released_below": int, "pinned": list, "step": int}
+PRODUCER_OPEN = "producer_open.json"
+"""Written by a streaming extractor once it accepted the cache (its settings match): its pid."""
 PRODUCER_WAIT = "producer_wait.json"
 """Present while a budgeted extractor waits for room: the shard it holds back and the release it
 last read, so the trainer can tell a deadlock (both sides waiting) from a slow extractor."""
@@ -114,35 +117,6 @@ def scan_array(array: np.ndarray, check_finite: bool = True) -> tuple[int, int |
             if bad is not None and bad.any():
                 bad_row = (start + int(np.argmax(bad))) // row_size
     return crc, bad_row
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    """Write through ``write(file)`` to a temp name, fsync, then rename: readers never see half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Atomically replace a JSON file (used for the manifest and run metadata).
-
-    Strict JSON: a NaN or inf raises ValueError here rather than writing a file other tools
-    cannot parse.
-    """
-    data = json.dumps(obj, indent=1, allow_nan=False).encode()
-    _write_atomic(Path(path), lambda f: f.write(data))
-    _fsync_dir(Path(path).parent)
 
 
 def read_manifest(path: Path) -> dict:
@@ -303,9 +277,11 @@ class CacheWriter:
         """Remove temp files and shards a kill left behind after the last listed shard, and the
         files of shards marked deleted whose removal a kill cut short."""
         deleted = {shard["index"] for shard in self.manifest["shards"] if shard.get("deleted")}
+        for file in self.path.glob(f"*/.shard_*.npy.*{TMP_SUFFIX}"):  # write_atomic's temp files
+            file.unlink()
         for file in self.path.glob("*/shard_*.npy*"):
             index = int(file.name.split(".")[0].removeprefix("shard_"))
-            if file.suffix == ".tmp" or index >= self.n_shards or index in deleted:
+            if file.suffix == TMP_SUFFIX or index >= self.n_shards or index in deleted:
                 file.unlink()
 
     def _bytes_on_disk(self) -> int:
@@ -428,10 +404,10 @@ class CacheWriter:
         checksums = {}
         for kind, array in arrays.items():
             (self.path / kind).mkdir(exist_ok=True)
-            _write_atomic(self.path / shard_file(kind, index), lambda f, a=array: np.save(f, a))
+            write_atomic(self.path / shard_file(kind, index), lambda f, a=array: np.save(f, a))
             checksums[kind] = _array_crc32(array)
         for kind in arrays:
-            _fsync_dir(self.path / kind)
+            fsync_dir(self.path / kind)
         for layer, (sum_vec, sum_sq_norm) in sums.items():
             stats = self.manifest["stats"][str(layer)]
             stats["n"] += n

@@ -42,26 +42,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_sae.data.cache import ActivationCache, ShardedArray
+from jax_sae.data.cache import MANIFEST, ActivationCache, ShardedArray
+from jax_sae.data.source import (
+    BatchSpec,
+    LoaderError,
+    SourceDescription,
+    batch_spec,
+    file_sha256,
+)
 from jax_sae.parallel.distributed import global_batch
 
 DEFAULT_CHUNK_TOKENS = 32_768
 DEFAULT_BUFFER_CHUNKS = 8
-DEFAULT_PREFETCH = 4
-BATCH_KEYS = ("x", "x_prev", "seq_start")
-
-
-class LoaderError(ValueError):
-    """A loader request the cache cannot satisfy; the message names the fix."""
-
-
-def check_batch_keys(batch_keys: Sequence[str]) -> None:
-    """The keys a variant asks for must be ones the loaders make, ``x`` among them."""
-    unknown = sorted(set(batch_keys) - set(BATCH_KEYS))
-    if unknown or "x" not in batch_keys:
-        raise LoaderError(
-            f"batch keys {list(batch_keys)} unsupported; the loader makes {BATCH_KEYS}"
-        )
 
 
 def finish_batch(batch: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
@@ -265,48 +257,48 @@ class _HostBuffer:
 
 
 class Loader:
-    """Batches of one layer of a cache for training, plus the held-out tail for evaluation."""
+    """Batches of one layer of a cache for training, plus the held-out tail for evaluation.
+
+    A ``BatchSource`` that can be read for any number of epochs, each visiting every training
+    token once; the cache's manifest checksums pin down what a run read.
+    """
+
+    single_pass = False
+    releases_data = False
 
     def __init__(
         self,
         cache: ActivationCache,
         layer: int,
+        spec: BatchSpec | None = None,
         *,
-        batch_size: int,
-        seed: int = 0,
         eval_tokens: int = 0,
-        batch_keys: Sequence[str] = ("x",),
-        scale: float = 1.0,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         buffer_chunks: int = DEFAULT_BUFFER_CHUNKS,
-        prefetch: int = DEFAULT_PREFETCH,
-        sharding: jax.sharding.Sharding | None = None,
-        rows: slice | None = None,
+        **batch_settings: Any,
     ) -> None:
-        check_batch_keys(batch_keys)
-        if batch_size <= 0 or chunk_tokens <= 0 or buffer_chunks <= 0 or seed < 0:
+        """``spec``, or its fields as keywords (``batch_size=64, seed=1``); the cache's last
+        ``eval_tokens`` tokens (from a sequence start) are held out."""
+        spec = batch_spec(spec, batch_settings)
+        batch_size = spec.batch_size
+        if batch_size <= 0 or chunk_tokens <= 0 or buffer_chunks <= 0 or spec.seed < 0:
             raise LoaderError("batch size, chunk tokens and buffer chunks must be > 0, seed >= 0")
+        self.spec = spec
         self.cache = cache
         self.layer = layer
-        self.scale = float(scale)
-        self.prefetch = prefetch
-        self.sharding = sharding
-        self.rows = rows
         # storage dtype; each shard's checksum is checked on its first read (helper thread)
         self._raw = cache.raw_acts(layer)  # raises CacheError naming the available layers
         self.train_end = heldout_start(cache, eval_tokens)
-        temporal = "x_prev" in batch_keys or "seq_start" in batch_keys
-        self._seq_starts = cache.sequence_starts() if temporal else None
+        self.eval_tokens = eval_tokens
+        self._seq_starts = cache.sequence_starts() if spec.temporal else None
         chunks = make_chunks(cache.shard_sizes, self.train_end, chunk_tokens)
-        self.plan = BatchPlan(chunks, batch_size=batch_size, seed=seed, buffer_chunks=buffer_chunks)
+        self.plan = BatchPlan(
+            chunks, batch_size=batch_size, seed=spec.seed, buffer_chunks=buffer_chunks
+        )
         if self.plan.n_train < batch_size:
             raise LoaderError(
                 f"only {self.plan.n_train} training tokens in {cache.path} for batch size "
                 f"{batch_size}; lower --batch-size or --eval-tokens, or extract more tokens"
-            )
-        if rows is not None and (sharding is None or not 0 <= rows.start < rows.stop <= batch_size):
-            raise LoaderError(
-                f"rows {rows} must lie in a batch of {batch_size} and come with a sharding"
             )
 
     @property
@@ -315,12 +307,30 @@ class Loader:
 
     @property
     def batch_size(self) -> int:
-        return self.plan.batch_size
+        return self.spec.batch_size
+
+    @property
+    def d_model(self) -> int:
+        return self.cache.d_model
 
     @property
     def heldout_tokens(self) -> int:
         """Tokens ``heldout`` yields (the cache's tail)."""
         return self.cache.n_tokens - self.train_end
+
+    def describe(self) -> SourceDescription:
+        identity = file_sha256(self.cache.path / MANIFEST)
+        return SourceDescription.of_manifest(self.cache.path, self.cache.manifest, identity)
+
+    def mean_sq_norm(self) -> float:
+        return self.cache.layer_stats(self.layer)["mean_sq_norm"]
+
+    def release_before(self, step: int) -> None:
+        """Nothing to let go of: every epoch reads the whole cache again."""
+
+    def record(self, step: int) -> None:
+        """None: the cache's manifest hash in config.json names every shard and checksum."""
+        return None
 
     def _load_buffer(self, epoch: int, index: int) -> _HostBuffer:
         ids = self.plan.buffer_chunk_ids(epoch)[index]
@@ -344,11 +354,11 @@ class Loader:
     def storage_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Endless batches in the cache's storage dtype (``seq_start`` bool) from a step on;
         only the loader's ``rows`` of each when it has them."""
-        return cut_batches(self._buffer_runs(start_step), self.batch_size, self.rows)
+        return cut_batches(self._buffer_runs(start_step), self.batch_size, self.spec.rows)
 
     def host_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Endless float32 numpy batches from ``start_step`` on."""
-        return map(partial(finish_batch, scale=self.scale), self.storage_batches(start_step))
+        return map(partial(finish_batch, scale=self.spec.scale), self.storage_batches(start_step))
 
     def batches(
         self,
@@ -362,13 +372,14 @@ class Loader:
         source = self.storage_batches(start_step)
         if stop_step is not None:
             source = (b for _, b in zip(range(start_step, stop_step), source, strict=False))
+        spec = self.spec
         return device_batches(
             source,
-            self.scale,
-            self.sharding,
-            self.prefetch,
+            spec.scale,
+            spec.sharding,
+            spec.prefetch,
             convert_on_device,
-            per_process=self.rows is not None,
+            per_process=spec.rows is not None,
         )
 
     def sample(self, n_tokens: int, windows: int = 16) -> np.ndarray:
@@ -383,7 +394,7 @@ class Loader:
             rows = np.empty((stop - a, self.cache.d_model), self.cache.dtype)
             self._raw.read_into(a, stop, rows)
             parts.append(rows)
-        return finish_batch({"x": np.concatenate(parts)}, self.scale)["x"]
+        return finish_batch({"x": np.concatenate(parts)}, self.spec.scale)["x"]
 
     def heldout(self, batch_size: int) -> Iterator[np.ndarray]:
         """The held-out tail in cache order as raw float32 rows (no input scale), in batches."""

@@ -26,6 +26,7 @@ resumed trainer initialises and evaluates exactly as the first one did.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -38,6 +39,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -45,6 +47,7 @@ from tqdm import tqdm
 
 from jax_sae.data.cache import (
     MANIFEST,
+    PRODUCER_OPEN,
     PRODUCER_WAIT,
     STORAGE_DTYPES,
     CacheError,
@@ -58,14 +61,13 @@ from jax_sae.data.cache import (
     verify_shard,
     write_release,
 )
-from jax_sae.data.loader import (
-    DEFAULT_PREFETCH,
+from jax_sae.data.loader import Prefetcher, cut_batches, device_batches, finish_batch
+from jax_sae.data.source import (
+    BatchSpec,
     LoaderError,
-    Prefetcher,
-    check_batch_keys,
-    cut_batches,
-    device_batches,
-    finish_batch,
+    SourceDescription,
+    batch_spec,
+    settings_sha256,
 )
 from jax_sae.util.disk import human_bytes
 
@@ -108,6 +110,33 @@ class Producer:
             return None
         how = f"exit status {code}" if code >= 0 else f"killed by signal {-code}"
         return f"the extractor writing {self.cache} stopped ({how}): {self.last_line()}"
+
+    def wait_until_open(self, poll_s: float = 0.2, report_every_s: float = 10.0) -> None:
+        """Return once the extractor has accepted the cache (its settings match a cache already
+        there, or it started a new one); raise StreamError, in one line, when it stopped instead.
+
+        Without this a refused extractor (a complete cache made with other settings) would go
+        unnoticed: the trainer would train on the old cache and record settings it never used.
+        """
+        marker = self.cache / PRODUCER_OPEN
+        started = time.monotonic()
+        next_report = started + report_every_s
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(marker.read_text()).get("pid") == self.process.pid:
+                    return
+            if (how := self.stopped()) is not None:
+                if self.process.returncode == 0:
+                    return
+                raise StreamError(f"{how}; training did not start")
+            if time.monotonic() >= next_report:
+                waited = time.monotonic() - started
+                print(
+                    f"waiting for the extractor to open {self.cache} ({waited:.0f} s)",
+                    file=sys.stderr,
+                )
+                next_report += report_every_s
+            time.sleep(poll_s)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """End the extractor (SIGTERM, then SIGKILL): every write it makes is atomic, so a later
@@ -395,38 +424,39 @@ class _PhaseBuffer:
 class StreamingLoader:
     """Training batches of one layer of a stream, in the order of the module docstring.
 
-    The interface of ``jax_sae.data.loader.Loader`` (``batches``, ``host_batches``, ``sample``,
-    ``heldout``, ``n_train``, ``heldout_tokens``, ``cache``, ``scale``), plus ``release_before``,
-    to call after each checkpoint, and ``record``, what the run read. Waits for shards not written
-    yet; raises StreamError when the stream cannot deliver (see ``StreamCache``).
+    A ``BatchSource`` read once: ``release_before``, called after each checkpoint, lets the
+    extractor delete the shards no later step reads, and ``record`` says which shards a run read.
+    Waits for shards not written yet; raises StreamError when the stream cannot deliver (see
+    ``StreamCache``).
     """
+
+    single_pass = True
+    releases_data = True
 
     def __init__(
         self,
         cache: StreamCache,
         layer: int,
+        spec: BatchSpec | None = None,
         *,
-        batch_size: int,
-        seed: int = 0,
         window: int = DEFAULT_WINDOW,
         eval_tokens: int = 0,
-        batch_keys: Sequence[str] = ("x",),
-        scale: float = 1.0,
-        prefetch: int = DEFAULT_PREFETCH,
-        sharding: jax.sharding.Sharding | None = None,
+        **batch_settings: Any,
     ) -> None:
-        check_batch_keys(batch_keys)
-        if batch_size <= 0 or window <= 0 or seed < 0 or eval_tokens < 0:
+        """``spec``, or its fields as keywords (``batch_size=64, seed=1``); the first shards,
+        as many as hold ``eval_tokens`` tokens, are held out."""
+        spec = batch_spec(spec, batch_settings)
+        batch_size = spec.batch_size
+        if batch_size <= 0 or window <= 0 or spec.seed < 0 or eval_tokens < 0:
             raise LoaderError("batch size and window must be > 0, seed and eval tokens >= 0")
+        if spec.rows is not None:
+            raise StreamError("--stream runs in one process; multi-host training needs a cache")
         check_layer(cache.path, cache.layers, layer)
+        self.spec = spec
         self.cache = cache
         self.layer = layer
-        self.batch_size = batch_size
-        self.order = StreamOrder(seed, window)
-        self.scale = float(scale)
-        self.prefetch = prefetch
-        self.sharding = sharding
-        self.temporal = "x_prev" in batch_keys or "seq_start" in batch_keys
+        self.order = StreamOrder(spec.seed, window)
+        self.eval_tokens = eval_tokens
         self._kind = layer_kind(layer)
         cache.trainer_waiting_since = time.monotonic()
         try:
@@ -446,6 +476,22 @@ class StreamingLoader:
                 f"only {self.n_train} training tokens in stream {cache.path} for batch size "
                 f"{batch_size}; lower --batch-size or --eval-tokens, or extract more tokens"
             )
+
+    @property
+    def batch_size(self) -> int:
+        return self.spec.batch_size
+
+    @property
+    def d_model(self) -> int:
+        return self.cache.d_model
+
+    def describe(self) -> SourceDescription:
+        manifest = self.cache.manifest
+        return SourceDescription.of_manifest(self.cache.path, manifest, settings_sha256(manifest))
+
+    def mean_sq_norm(self) -> float:
+        """Over the first shard, pinned: the same for every run and after a resume."""
+        return self.cache.layer_stats(self.layer)["mean_sq_norm"]
 
     def _count_heldout_shards(self, eval_tokens: int) -> int:
         """How many leading shards hold ``eval_tokens`` tokens (waiting for them)."""
@@ -525,7 +571,7 @@ class StreamingLoader:
         rows = self.order.piece(t, n_tokens, k)
         acts = self.cache.shard(self._kind, index)
         part = {"x": acts[rows]}
-        if self.temporal:
+        if self.spec.temporal:
             positions = self.cache.shard("positions", index)
             prev = np.maximum(rows - 1, 0)
             part["x_prev"] = acts[prev]
@@ -572,7 +618,7 @@ class StreamingLoader:
 
     def host_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Float32 numpy batches from ``start_step`` to the stream's end."""
-        return (finish_batch(b, self.scale) for b in self.storage_batches(start_step))
+        return (finish_batch(b, self.spec.scale) for b in self.storage_batches(start_step))
 
     def batches(
         self,
@@ -586,8 +632,9 @@ class StreamingLoader:
         source = self.storage_batches(start_step, cancel)
         if stop_step is not None:
             source = self._until(source, start_step, stop_step)
+        spec = self.spec
         prefetcher = device_batches(
-            source, self.scale, self.sharding, self.prefetch, convert_on_device
+            source, spec.scale, spec.sharding, spec.prefetch, convert_on_device
         )
         return TrainerBatches(prefetcher, self.cache, cancel)
 
@@ -610,7 +657,7 @@ class StreamingLoader:
         per_window = max(min(n_tokens, len(acts)) // windows, 1)
         starts = np.linspace(0, len(acts) - per_window, windows).astype(int)
         rows = np.concatenate([acts[a : a + per_window] for a in starts])
-        return finish_batch({"x": rows}, self.scale)["x"]
+        return finish_batch({"x": rows}, self.spec.scale)["x"]
 
     def heldout(self, batch_size: int) -> Iterator[np.ndarray]:
         """The held-out shards in cache order as raw float32 rows (no input scale), in batches."""

@@ -10,8 +10,10 @@ export, not a folder holding any file an export does not write (the refusal dele
 
 Reads `RUN_DIR/config.json` and `RUN_DIR/sae_params.safetensors` (float32, SAELens names, the
 un-folded trained weights) and writes `RUN_DIR/saelens/` (`cfg.json` + `sae_weights.safetensors`),
-loadable with `sae_lens.SAE.load_from_disk` - or, for `two_level`, with `TwoLevelSAE.load` below
-(SAEBench's custom-SAE path), because its parent gating has no SAELens architecture.
+loadable with `sae_lens.SAE.load_from_disk`, or, for an architecture SAELens lacks (`two_level`:
+its parent gating), with its torch twin (`jax_sae.export.torch_twins.load_twin`, SAEBench's
+custom-SAE path). What each architecture needs is the `export_form` its model class records in
+`config.json` (`ReLUSAE.export_form`), so the exporter has no per-architecture code.
 
 Two transformations make the exported SAE act on raw (un-normalised) activations with unit-norm
 decoder rows, the form SAEBench's metrics assume:
@@ -25,8 +27,7 @@ decoder rows, the form SAEBench's metrics assume:
   b_enc[i], threshold[i] times n_i). That is exact for ReLU and JumpReLU; for TopK-based encoders
   it would change which latents win, so those must already be unit-norm to float precision.
 
-Needs only numpy, safetensors and torch (the last for the `TwoLevelSAE` module); never JAX, so the
-evaluation environment can import it.
+Needs only numpy and safetensors, never JAX, so the evaluation environment can import it.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors.numpy import load_file, save_file
 
+from jax_sae.export.torch_twins import EXPORT_CONFIG, EXPORT_WEIGHTS
 from jax_sae.util.cli import OneLineParser
 from jax_sae.util.disk import disk_full_error, is_disk_full
 
@@ -50,15 +51,12 @@ RUN_CONFIG = "config.json"
 RUN_WEIGHTS = "sae_params.safetensors"
 RUN_STATUS = "status.json"  # written by train.py (jax_sae.report.runs.STATUS)
 EXPORT_DIR = "saelens"
-EXPORT_CONFIG = "cfg.json"  # names SAELens's disk loader expects
-EXPORT_WEIGHTS = "sae_weights.safetensors"
 # The SAELens release whose config format we write (requirements-eval.txt pins it). SAELens reads
 # a config without a version >= 6 as a pre-6 config and renames its keys.
 SAELENS_FORMAT_VERSION = "6.54.12"
 
-# Which inference architecture each training variant is. BatchTopK's inference rule is
-# the JumpReLU with its learned threshold; the research variants keep their base encoder.
-ARCHITECTURE_OF_VARIANT = {
+# Runs written before config.json recorded its `export_form`: the architecture of each variant.
+LEGACY_ARCHITECTURE_OF_VARIANT = {
     "standard": "standard",
     "freq": "standard",
     "pair_ortho": "standard",
@@ -69,15 +67,7 @@ ARCHITECTURE_OF_VARIANT = {
     "batchtopk": "jumprelu",
     "two_level": "two_level",
 }
-BASE_TENSORS = ("W_enc", "W_dec", "b_enc", "b_dec")
-TENSORS_OF_ARCHITECTURE = {
-    "standard": BASE_TENSORS,
-    "topk": BASE_TENSORS,
-    "jumprelu": (*BASE_TENSORS, "threshold"),
-    "two_level": (*BASE_TENSORS, "W_enc_c", "W_dec_c", "b_enc_c"),
-}
-# Encoders whose winners are chosen by ranking pre-activations: a per-latent rescale is not exact.
-RANKING_ARCHITECTURES = ("topk", "two_level")
+FORM_KEYS = ("architecture", "dictionaries", "per_latent", "ranks_latents", "saelens_config")
 EXPORTED_FROM = "exported_from"  # cfg.json metadata: the run an export came from
 UNIT_NORM_ATOL = 1e-4  # float32 renormalisation leaves ~1e-7; more means rows were not normalised
 
@@ -139,21 +129,58 @@ def _require(config: dict[str, Any], key: str) -> Any:
     return config[key]
 
 
-def architecture_of(config: dict[str, Any]) -> str:
-    """The inference architecture: the run's `export_info` if recorded, else from its variant."""
-    recorded = (config.get("export_info") or {}).get("architecture")
-    if recorded is not None:
-        if recorded not in TENSORS_OF_ARCHITECTURE:
-            raise ExportError(
-                f"unknown architecture '{recorded}' in {RUN_CONFIG}; "
-                f"known: {', '.join(TENSORS_OF_ARCHITECTURE)}"
-            )
-        return recorded
-    variant = _require(config, "variant")
-    if variant not in ARCHITECTURE_OF_VARIANT:
-        known = ", ".join(ARCHITECTURE_OF_VARIANT)
-        raise ExportError(f"unknown variant '{variant}' in {RUN_CONFIG}; known: {known}")
-    return ARCHITECTURE_OF_VARIANT[variant]
+def export_form(config: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """How to write this run: the `export_form` its architecture recorded in config.json
+    (`ReLUSAE.export_form`), or, for a run written before that, the same from its variant."""
+    form = config.get("export_form")
+    if form is None:
+        return legacy_export_form(config, arrays)
+    if not isinstance(form, dict) or set(form) != set(FORM_KEYS):
+        raise ExportError(
+            f"{RUN_CONFIG}'s export_form is damaged (keys {sorted(form or {})}, expected "
+            f"{list(FORM_KEYS)}); re-run training with the current train.py"
+        )
+    return form
+
+
+def legacy_export_form(config: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The export form of a run whose config.json predates `export_form`."""
+    architecture = (config.get("export_info") or {}).get("architecture")
+    if architecture is None:
+        variant = _require(config, "variant")
+        if variant not in LEGACY_ARCHITECTURE_OF_VARIANT:
+            known = ", ".join(LEGACY_ARCHITECTURE_OF_VARIANT)
+            raise ExportError(f"unknown variant '{variant}' in {RUN_CONFIG}; known: {known}")
+        architecture = LEGACY_ARCHITECTURE_OF_VARIANT[variant]
+    d_sae = int(_require(config, "d_sae"))
+    form: dict[str, Any] = {
+        "architecture": architecture,
+        "dictionaries": {"": d_sae},
+        "per_latent": [],
+        "ranks_latents": architecture in ("topk", "two_level"),
+        "saelens_config": {},
+    }
+    if architecture == "topk":
+        k = int(hyperparameter(config, "k"))
+        form["saelens_config"] = {"k": k, "rescale_acts_by_decoder_norm": False}
+    elif architecture == "jumprelu":
+        form["per_latent"] = ["threshold"]
+    elif architecture == "two_level":
+        d_concept = int(np.shape(arrays.get("b_enc_c", ()))[0]) if "b_enc_c" in arrays else 0
+        form["dictionaries"] = {"": d_sae, "_c": d_concept}
+        form["saelens_config"] = {
+            "k_concept": int(hyperparameter(config, "k_c")),
+            "k_base": int(hyperparameter(config, "k_b")),
+            "d_sae": d_sae + d_concept,
+            "d_base": d_sae,
+            "d_concept": d_concept,
+        }
+    elif architecture != "standard":
+        raise ExportError(
+            f"unknown architecture '{architecture}' in {RUN_CONFIG}; known: "
+            "standard, topk, jumprelu, two_level (newer runs record their export_form)"
+        )
+    return form
 
 
 def hyperparameter(config: dict[str, Any], name: str) -> Any:
@@ -165,24 +192,29 @@ def hyperparameter(config: dict[str, Any], name: str) -> Any:
     raise ExportError(f"{RUN_CONFIG} records no '{name}' (in export_info or hparams)")
 
 
-def check_shapes(arrays: dict[str, np.ndarray], architecture: str, d_in: int, d_sae: int) -> None:
-    """Every tensor the architecture needs, no others, each with the shape SAELens loads."""
-    expected = set(TENSORS_OF_ARCHITECTURE[architecture])
-    missing, extra = expected - arrays.keys(), arrays.keys() - expected
+def expected_shapes(form: dict[str, Any], d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor an export of this form holds, with the shape SAELens loads."""
+    shapes: dict[str, tuple[int, ...]] = {"b_dec": (d_in,)}
+    for suffix, n in form["dictionaries"].items():
+        shapes |= {f"W_enc{suffix}": (d_in, n), f"W_dec{suffix}": (n, d_in), f"b_enc{suffix}": (n,)}
+    return shapes | {name: (d_sae,) for name in form["per_latent"]}
+
+
+def check_shapes(
+    arrays: dict[str, np.ndarray], form: dict[str, Any], d_in: int, d_sae: int
+) -> None:
+    """Every tensor the form needs, no others, each with the shape SAELens loads."""
+    shapes = expected_shapes(form, d_in, d_sae)
+    missing, extra = shapes.keys() - arrays.keys(), arrays.keys() - shapes.keys()
     if missing or extra:
         raise ExportError(
-            f"{RUN_WEIGHTS} does not match architecture '{architecture}': "
+            f"{RUN_WEIGHTS} does not match architecture '{form['architecture']}': "
             f"missing {sorted(missing)}, unexpected {sorted(extra)}"
         )
-    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
-    shapes["threshold"] = (d_sae,)
-    if architecture == "two_level":
-        d_concept = arrays["b_enc_c"].shape[0]
-        shapes |= {"W_enc_c": (d_in, d_concept), "W_dec_c": (d_concept, d_in)}
-        shapes["b_enc_c"] = (d_concept,)
-        if d_concept == 0 or d_sae % d_concept:
+    for suffix, n in form["dictionaries"].items():
+        if suffix and (n == 0 or d_sae % n):
             raise ExportError(
-                f"two_level has {d_sae} base and {d_concept} concept latents; the base count "
+                f"{form['architecture']} has {d_sae} base and {n} concept latents; the base count "
                 "must be a multiple of the concept count (contiguous children per concept)"
             )
     for name in arrays:
@@ -204,29 +236,31 @@ def fold_input_scale(arrays: dict[str, np.ndarray], scale: float) -> dict[str, n
     """Weights acting on raw x for an SAE trained on s * x (derivation in the module docstring)."""
     if not scale > 0:
         raise ExportError(f"norm_scale must be positive, got {scale}")
-    unchanged = ("W_enc", "W_dec", "W_enc_c", "W_dec_c")
-    return {name: a if name in unchanged else a / np.float32(scale) for name, a in arrays.items()}
+    return {
+        name: a if name.startswith(("W_enc", "W_dec")) else a / np.float32(scale)
+        for name, a in arrays.items()
+    }
 
 
-def unit_norm_decoder(arrays: dict[str, np.ndarray], architecture: str) -> dict[str, np.ndarray]:
+def unit_norm_decoder(arrays: dict[str, np.ndarray], form: dict[str, Any]) -> dict[str, np.ndarray]:
     """Renormalise decoder rows to 1, moving each row norm into its latent's encoder side."""
     out = dict(arrays)
-    for suffix in ("", "_c") if architecture == "two_level" else ("",):
+    for suffix in form["dictionaries"]:
         norms = np.linalg.norm(arrays[f"W_dec{suffix}"].astype(np.float64), axis=1)
         if np.any(norms == 0):
             raise ExportError(f"W_dec{suffix} has all-zero rows; they cannot be unit-normalised")
         deviation = float(np.max(np.abs(norms - 1.0)))
-        if architecture in RANKING_ARCHITECTURES and deviation > UNIT_NORM_ATOL:
+        if form["ranks_latents"] and deviation > UNIT_NORM_ATOL:
             raise ExportError(
                 f"W_dec{suffix} rows deviate from unit norm by up to {deviation:.2e}; for a "
-                f"{architecture} encoder that cannot be folded exactly - train with decoder "
-                "normalisation (the default)"
+                f"{form['architecture']} encoder that cannot be folded exactly - train with "
+                "decoder normalisation (the default)"
             )
         out[f"W_dec{suffix}"] = (arrays[f"W_dec{suffix}"] / norms[:, None]).astype(np.float32)
         out[f"W_enc{suffix}"] = (arrays[f"W_enc{suffix}"] * norms[None, :]).astype(np.float32)
         out[f"b_enc{suffix}"] = (arrays[f"b_enc{suffix}"] * norms).astype(np.float32)
-        if "threshold" in arrays and suffix == "":
-            out["threshold"] = (arrays["threshold"] * norms).astype(np.float32)
+        for name in form["per_latent"] if suffix == "" else ():
+            out[name] = (arrays[name] * norms).astype(np.float32)
     return out
 
 
@@ -241,7 +275,7 @@ def transformer_lens_name(model: str) -> str:
     return model.rstrip("/").split("/")[-1]
 
 
-def saelens_config(config: dict[str, Any], architecture: str, d_in: int, d_sae: int) -> dict:
+def saelens_config(config: dict[str, Any], form: dict[str, Any], d_in: int, d_sae: int) -> dict:
     """The `cfg.json` SAELens 6 loads (strict about architecture fields, lenient about metadata)."""
     layer = _require(config, "layer")
     prepend_bos = config.get("prepend_bos")  # None: not recorded; Gemma runs with a BOS
@@ -260,7 +294,7 @@ def saelens_config(config: dict[str, Any], architecture: str, d_in: int, d_sae: 
         "folded_norm_scale": float(config.get("norm_scale", 1.0)),
     }
     cfg: dict[str, Any] = {
-        "architecture": architecture,
+        "architecture": form["architecture"],
         "d_in": d_in,
         "d_sae": d_sae,
         "dtype": "float32",
@@ -270,85 +304,7 @@ def saelens_config(config: dict[str, Any], architecture: str, d_in: int, d_sae: 
         "reshape_activations": "none",
         "metadata": metadata,
     }
-    if architecture == "topk":
-        # SAELens silently defaults a missing k to 100; it must come from the run
-        cfg |= {"k": int(hyperparameter(config, "k")), "rescale_acts_by_decoder_norm": False}
-    if architecture == "two_level":
-        cfg |= {
-            "k_concept": int(hyperparameter(config, "k_c")),
-            "k_base": int(hyperparameter(config, "k_b")),
-        }
-    return cfg
-
-
-# ------------------------------------------------------------------------------------------------
-# two_level: SAEBench custom SAE
-# ------------------------------------------------------------------------------------------------
-
-
-class TwoLevelSAE(torch.nn.Module):
-    """The two-level hierarchical SAE as a SAEBench custom SAE.
-
-    The latent code is one vector of `d_base + d_concept` entries: base latents first, then
-    concepts. Base latent i belongs to concept i // (d_base // d_concept) and may fire only when
-    that concept fires. Decoding is linear in the joint code, so `W_dec` stacks both
-    dictionaries and SAEBench's weight metrics, feature clamping and probing work unchanged.
-    `cfg` (a SAEBench `CustomSAEConfig`) is attached by the evaluation code, which owns SAEBench.
-    """
-
-    def __init__(self, arrays: dict[str, np.ndarray], k_base: int, k_concept: int) -> None:
-        super().__init__()
-        self.d_base, self.d_concept = arrays["b_enc"].shape[0], arrays["b_enc_c"].shape[0]
-        self.k_base, self.k_concept = k_base, k_concept
-        joint = {
-            "W_enc": np.concatenate([arrays["W_enc"], arrays["W_enc_c"]], axis=1),
-            "W_dec": np.concatenate([arrays["W_dec"], arrays["W_dec_c"]], axis=0),
-            "b_enc": np.concatenate([arrays["b_enc"], arrays["b_enc_c"]]),
-            "b_dec": arrays["b_dec"],
-        }
-        for name, value in joint.items():
-            self.register_parameter(name, torch.nn.Parameter(torch.from_numpy(value.copy())))
-        parent = torch.arange(self.d_base) // (self.d_base // self.d_concept)
-        self.register_buffer("parent", parent, persistent=False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.W_enc.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.W_enc.dtype
-
-    @staticmethod
-    def _topk(values: torch.Tensor, k: int) -> torch.Tensor:
-        top = values.topk(k, dim=-1, sorted=False)
-        return torch.zeros_like(values).scatter_(-1, top.indices, top.values)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        pre = (x.to(self.dtype) - self.b_dec) @ self.W_enc + self.b_enc
-        pre_base, pre_concept = pre[..., : self.d_base], pre[..., self.d_base :]
-        concept = self._topk(torch.relu(pre_concept), self.k_concept)
-        parent_active = (concept > 0)[..., self.parent].to(pre.dtype)
-        base = self._topk(torch.relu(pre_base) * parent_active, self.k_base)
-        return torch.cat([base, concept], dim=-1)
-
-    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        return feature_acts @ self.W_dec + self.b_dec
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
-
-    @classmethod
-    def load(cls, export_dir: str | Path) -> TwoLevelSAE:
-        """Rebuild from an export folder written by `export_run`."""
-        export_dir = Path(export_dir)
-        cfg = json.loads((export_dir / EXPORT_CONFIG).read_text())
-        if cfg.get("architecture") != "two_level":
-            raise ExportError(
-                f"{export_dir} holds a '{cfg.get('architecture')}' SAE, not two_level"
-            )
-        arrays = load_file(export_dir / EXPORT_WEIGHTS)
-        return cls(arrays, k_base=cfg["k_base"], k_concept=cfg["k_concept"])
+    return cfg | form["saelens_config"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,19 +328,15 @@ def export_run(
     if problem is not None:
         print(f"warning: exporting anyway (--force): {problem}", file=sys.stderr)
     config, arrays = read_run(run_dir)
-    architecture = architecture_of(config)
+    form = export_form(config, arrays)
     d_in, d_sae = int(_require(config, "d_in")), int(_require(config, "d_sae"))
-    check_shapes(arrays, architecture, d_in, d_sae)
+    check_shapes(arrays, form, d_in, d_sae)
     if "threshold" in arrays and np.any(arrays["threshold"] < 0):
         raise ExportError("JumpReLU threshold has negative entries; SAELens assumes theta >= 0")
     arrays = fold_input_scale(arrays, float(config.get("norm_scale", 1.0)))
-    arrays = unit_norm_decoder(arrays, architecture)
-    cfg = saelens_config(config, architecture, d_in, d_sae)
+    arrays = unit_norm_decoder(arrays, form)
+    cfg = saelens_config(config, form, d_in, d_sae)
     cfg["metadata"][EXPORTED_FROM] = source_of(run_dir, config)
-    if architecture == "two_level":
-        # the loader gets the joint code size; SAEBench sizes its per-latent metrics by d_sae
-        cfg |= {"d_sae": d_sae + arrays["b_enc_c"].shape[0], "d_base": d_sae}
-        cfg["d_concept"] = arrays["b_enc_c"].shape[0]
     try:
         _write_atomically(out, cfg, arrays)
     except OSError as error:

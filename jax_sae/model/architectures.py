@@ -110,6 +110,11 @@ class ReLUSAE(nn.Module):
     """One line per key of `HPARAMS`: what it does, in which unit (`variants.hparam_help`)."""
     EXPORT_ARCHITECTURE: ClassVar[str] = "standard"
     """SAELens architecture name the exporter writes."""
+    EXPORT_PER_LATENT: ClassVar[tuple[str, ...]] = ()
+    """Exported per-latent tensors besides the encoder and decoder (JumpReLU's threshold)."""
+    RANKS_LATENTS: ClassVar[bool] = False
+    """Whether the encoder picks winners by ranking pre-activations (TopK): decoder norms then
+    cannot be folded into the encoder exactly, so the exporter requires unit-norm rows."""
     B_DEC_FROM_DATA: ClassVar[bool] = False
     """Initialise `b_dec` to the geometric median of a data sample (TopK family)."""
 
@@ -204,6 +209,25 @@ class ReLUSAE(nn.Module):
     ) -> dict[str, Any]:
         return {"architecture": cls.EXPORT_ARCHITECTURE}
 
+    @classmethod
+    def export_form(cls, d_sae: int, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """How the exporter writes this architecture, as plain JSON in `config.json` (the
+        exporter never imports JAX): the SAELens architecture, each dictionary to unit-normalise
+        (decoder suffix -> number of latents), the per-latent tensors that scale with it, whether
+        the encoder ranks latents, and the entries the SAELens config adds."""
+        return {
+            "architecture": cls.EXPORT_ARCHITECTURE,
+            "dictionaries": {"": d_sae},
+            "per_latent": list(cls.EXPORT_PER_LATENT),
+            "ranks_latents": cls.RANKS_LATENTS,
+            "saelens_config": cls.saelens_config(d_sae, hparams),
+        }
+
+    @classmethod
+    def saelens_config(cls, d_sae: int, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """Entries of SAELens's `cfg.json` beyond the shared ones."""
+        return {}
+
 
 class TopKFamilySAE(ReLUSAE):
     """Shared by the TopK family: tied init, b_dec from data, and the sparse training path.
@@ -265,6 +289,12 @@ class TopKSAE(TopKFamilySAE):
         "k": "latents active per token: the k largest pre-activations of each token are kept",
     }
     EXPORT_ARCHITECTURE: ClassVar[str] = "topk"
+    RANKS_LATENTS: ClassVar[bool] = True
+
+    @classmethod
+    def saelens_config(cls, d_sae: int, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        # SAELens silently defaults a missing k to 100
+        return {"k": int(hparams["k"]), "rescale_acts_by_decoder_norm": False}
 
     @classmethod
     def check_hparams(cls, hparams: Mapping[str, Any], d_in: int, d_sae: int) -> None:
@@ -310,7 +340,13 @@ class BatchTopKSAE(TopKSAE):
         "k": "mean latents active per token: the k x batch-size largest activations of a batch",
     }
     EXPORT_ARCHITECTURE: ClassVar[str] = "jumprelu"
+    EXPORT_PER_LATENT: ClassVar[tuple[str, ...]] = ("threshold",)
+    RANKS_LATENTS: ClassVar[bool] = False  # exported as a JumpReLU with the learned threshold
     PER_ROW_SELECTION: ClassVar[bool] = False
+
+    @classmethod
+    def saelens_config(cls, d_sae: int, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
 
     def activate_train(self, pre: jax.Array) -> jax.Array:
         return batch_topk_relu(pre, self.k)
@@ -357,6 +393,7 @@ class JumpReLUSAE(ReLUSAE):
         "threshold_init": "initial threshold theta of every latent (b_enc's data init uses it)",
     }
     EXPORT_ARCHITECTURE: ClassVar[str] = "jumprelu"
+    EXPORT_PER_LATENT: ClassVar[tuple[str, ...]] = ("threshold",)
 
     @classmethod
     def check_hparams(cls, hparams: Mapping[str, Any], d_in: int, d_sae: int) -> None:
@@ -370,7 +407,7 @@ class JumpReLUSAE(ReLUSAE):
         """Encoder bias such that each latent fires on `target_l0 / F` of the sample, so L0 starts
         at its target (as in Anthropic's 2025 JumpReLU recipe) instead of at F / 2: the threshold
         moves by about lr per step, far too slowly to bring L0 from F / 2 down to 20 in a run of
-        the default length. Without `target_l0` the template init is kept."""
+        the default length. Without `target_l0` the plain init is kept."""
         params = super().init_from_data(params, sample, hparams)
         target = hparams.get("target_l0")
         if target is None:
@@ -438,7 +475,7 @@ class TwoLevelSAE(TopKFamilySAE):
 
     `encode`/`decode` use the joint code [h, g] of F + F_c entries, base latents first. Decoding is
     linear in it, and it is the layout of the exported SAEBench custom SAE
-    (`jax_sae.export.saelens.TwoLevelSAE`), so evaluation, interventions and the export index
+    (`jax_sae.export.torch_twins.TwoLevelSAE`), so evaluation, interventions and the export index
     latents alike. Training reads both levels from `forward` (`TwoLevelForward`).
     """
 
@@ -462,6 +499,24 @@ class TwoLevelSAE(TopKFamilySAE):
     only where a small dictionary cannot hold it; k_b must stay below the k_c * F / F_c eligible
     base latents, or the base TopK selects nothing (docs/variants.md)."""
     EXPORT_ARCHITECTURE: ClassVar[str] = "two_level"
+    RANKS_LATENTS: ClassVar[bool] = True
+
+    @classmethod
+    def export_form(cls, d_sae: int, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        form = super().export_form(d_sae, hparams)
+        return form | {"dictionaries": {"": d_sae, "_c": int(hparams["F_c"])}}
+
+    @classmethod
+    def saelens_config(cls, d_sae: int, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        # the SAEBench module's code is [base, concept]: SAEBench sizes per-latent metrics by d_sae
+        n_concepts = int(hparams["F_c"])
+        return {
+            "k_concept": int(hparams["k_c"]),
+            "k_base": int(hparams["k_b"]),
+            "d_sae": d_sae + n_concepts,
+            "d_base": d_sae,
+            "d_concept": n_concepts,
+        }
 
     @classmethod
     def check_hparams(cls, hparams: Mapping[str, Any], d_in: int, d_sae: int) -> None:

@@ -73,40 +73,13 @@ def adapt_hparams(
         d_sae = scaled_d_sae(name, d_in)
         if d_in != REFERENCE_D_IN:
             notes.append(f"d_sae {d_sae}: the reference expansion factor at d_in {d_in}")
-    reference = make_variant(
-        name, REFERENCE_D_IN, VARIANTS[name].suggested_d_sae(REFERENCE_D_IN)
-    ).hparams
+    reference_d_sae = VARIANTS[name].suggested_d_sae(REFERENCE_D_IN)
+    reference = make_variant(name, REFERENCE_D_IN, reference_d_sae).hparams
     adapted = dict(given)
-    ratio = d_sae / VARIANTS[name].suggested_d_sae(REFERENCE_D_IN)
-    for key in K_LIKE:
-        value = reference.get(key)
-        if key in given or value is None or d_in == REFERENCE_D_IN:
-            continue
-        scaled = type(value)(max(1, round(value * ratio)))
-        if scaled != value:
-            adapted[key] = scaled
-            notes.append(f"{key} {scaled}: reference {value} scaled with d_sae")
-    for term in VARIANTS[name].terms:
-        for key in term.D_IN_SCALED:
-            if key in given or d_in == REFERENCE_D_IN:
-                continue
-            adapted[key] = reference[key] * d_in / REFERENCE_D_IN
-            notes.append(f"{key} {adapted[key]:.4g}: reference {reference[key]} x d_in / 2304")
-    for key in WARMUPS:
-        if key in given or key not in reference:
-            continue
-        cap = max(1, int(RUN_FRACTION * steps))
-        if reference[key] > cap:
-            adapted[key] = cap
-            notes.append(f"{key} {cap}: reference {reference[key]} capped at 10% of {steps} steps")
-    tokens = steps * batch_size
-    if "dead_tokens" not in given and reference["dead_tokens"] > RUN_FRACTION * tokens:
-        cap = max(batch_size, int(RUN_FRACTION * tokens))
-        adapted["dead_tokens"] = cap
-        notes.append(
-            f"dead_tokens {cap}: reference {reference['dead_tokens']} capped at 10% of "
-            f"the run's {tokens} tokens"
-        )
+    if d_in != REFERENCE_D_IN:
+        _scale_sizes(adapted, notes, given, reference, d_sae / reference_d_sae)
+        _scale_with_d_in(adapted, notes, given, reference, name, d_in)
+    _cap_to_run(adapted, notes, given, reference, steps, batch_size)
     effective = {**reference, **adapted}
     warnings = [
         f"{key}={effective[key]} is >= d_in={d_in}: a code that size cannot be sparse; set a "
@@ -120,3 +93,50 @@ def adapt_hparams(
         if key in given and adapted[key] >= steps
     ]
     return Adapted(d_sae=int(d_sae), overrides=adapted, notes=notes, warnings=warnings)
+
+
+def _scale_sizes(
+    adapted: dict, notes: list[str], given: Mapping, reference: Mapping, ratio: float
+) -> None:
+    """k-like counts scale with the dictionary size."""
+    for key in K_LIKE:
+        value = reference.get(key)
+        if key in given or value is None:
+            continue
+        scaled = type(value)(max(1, round(value * ratio)))
+        if scaled != value:
+            adapted[key] = scaled
+            notes.append(f"{key} {scaled}: reference {value} scaled with d_sae")
+
+
+def _scale_with_d_in(
+    adapted: dict, notes: list[str], given: Mapping, reference: Mapping, name: str, d_in: int
+) -> None:
+    """Coefficients calibrated at d_in 2304 that each term declares as scaling with d_in."""
+    for term in VARIANTS[name].terms:
+        for key in term.D_IN_SCALED:
+            if key in given:
+                continue
+            adapted[key] = reference[key] * d_in / REFERENCE_D_IN
+            notes.append(f"{key} {adapted[key]:.4g}: reference {reference[key]} x d_in / 2304")
+
+
+def _cap_to_run(
+    adapted: dict, notes: list[str], given: Mapping, reference: Mapping, steps: int, batch: int
+) -> None:
+    """Warm-ups and the dead-latent window take at most RUN_FRACTION of a short run."""
+    for key in WARMUPS:
+        if key in given or key not in reference:
+            continue
+        cap = max(1, int(RUN_FRACTION * steps))
+        if reference[key] > cap:
+            adapted[key] = cap
+            notes.append(f"{key} {cap}: reference {reference[key]} capped at 10% of {steps} steps")
+    tokens = steps * batch
+    if "dead_tokens" not in given and reference["dead_tokens"] > RUN_FRACTION * tokens:
+        cap = max(batch, int(RUN_FRACTION * tokens))
+        adapted["dead_tokens"] = cap
+        notes.append(
+            f"dead_tokens {cap}: reference {reference['dead_tokens']} capped at 10% of "
+            f"the run's {tokens} tokens"
+        )

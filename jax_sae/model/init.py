@@ -15,7 +15,7 @@ def unit_rows(x: jax.Array) -> jax.Array:
 
 
 def unit_rows_kaiming(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-    """Decoder init of the template: kaiming-uniform, then rows normalised."""
+    """Decoder init: kaiming-uniform, then rows normalised."""
     return unit_rows(kaiming_uniform(key, shape, dtype))
 
 

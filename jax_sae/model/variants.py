@@ -434,6 +434,10 @@ class Variant:
         shapes = jax.eval_shape(self.init_params, jax.random.key(0))
         return {key: np.ones(s.shape, np.float32) for key, s in shapes.items()}
 
+    def export_form(self) -> dict[str, Any]:
+        """How the exporter writes this SAE (`ReLUSAE.export_form`), recorded in config.json."""
+        return self.spec.architecture.export_form(self.d_sae, self.hparams)
+
     def export_info(self, params: Params, state: State) -> dict[str, Any]:
         """What the exporter needs besides the weights: SAELens `architecture`, `k`, `threshold`."""
         return self.spec.architecture.export_info(

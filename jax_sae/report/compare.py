@@ -309,11 +309,21 @@ def summarise(run: dict, differing: list[str], flags: dict[str, str]) -> dict[st
     }
 
 
+def diverged_reason(run: dict) -> str | None:
+    """Why the run was marked diverged (status.json), None when it was not."""
+    status = runs.read_status(run["path"]) or {}
+    if status.get("state") != runs.DIVERGED:
+        return None
+    return str(status.get("reason") or "no reason recorded")
+
+
 def sweep_row(run: dict, flags: dict[str, str]) -> dict[str, Any]:
-    """One row of sweep.md: the member and its swept values (config.json "sweep" -> "swept")."""
+    """One row of sweep.md: the member and its swept values (config.json "sweep" -> "swept");
+    a diverged member says so in the `diverged` column (absent when none did)."""
     swept = run["config"].get("sweep", {}).get("swept", {})
     return {
         "run": run["name"],
+        "diverged": "yes" if diverged_reason(run) else None,
         "variant": run["config"].get("variant"),
         **swept,
         "mismatch": flags.get(run["name"]),
@@ -532,6 +542,14 @@ def write_sweep_report(sweep_dir: Path, member_dirs: list[Path]) -> Path:
     cache = config.get("cache", "?")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     header = f"# Sweep `{name}`: {len(rows)} members on cache `{cache}`\n\n{mismatch_note(found)}"
+    diverged = {run["name"]: diverged_reason(run) for run in loaded}
+    diverged = {member: reason for member, reason in diverged.items() if reason}
+    if diverged:
+        listed = "; ".join(f"`{member}`: {reason}" for member, reason in diverged.items())
+        header += (
+            f"> **{len(diverged)} of {len(rows)} members diverged** (marked in the `diverged` "
+            f"column; their numbers are not those of a trained SAE): {listed}\n\n"
+        )
     table = markdown_table(rows, HEADERS | {"run": "member"})
     path = sweep_dir / "sweep.md"
     path.write_text(f"{header}{table}\n{DEFINITIONS}\n![Pareto frontiers](pareto.png)\n")

@@ -1,6 +1,7 @@
 """The run folder ``runs/<name>/`` that ``train.py`` writes.
 
 ``config.json``        resolved configuration, cache identity, library versions, export info
+                       (``jax_sae.report.record.RunRecord``)
 ``final_info.json``    the standard results schema plus our fast-eval results
 ``metrics.jsonl``      one record per ``--log-every`` steps
 ``checkpoints/``       orbax (``jax_sae.training.checkpoint``)
@@ -22,7 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from jax_sae.data.cache import MANIFEST, ActivationCache, write_json_atomic
+from jax_sae.util.files import write_json_atomic, write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "config.json"
@@ -63,11 +64,6 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             versions[package] = "not installed"
     return versions
-
-
-def manifest_sha256(cache: ActivationCache) -> str:
-    """Identity of the cache contents: the manifest lists every shard with its checksum."""
-    return hashlib.sha256((cache.path / MANIFEST).read_bytes()).hexdigest()
 
 
 def portable_path(path: str | Path) -> str:
@@ -234,9 +230,7 @@ class MetricsLog:
         """Drop records logged after ``step``: a resumed run logs them again."""
         kept = [r for r in self.read() if r["step"] <= step]
         text = "".join(json.dumps(r) + "\n" for r in kept)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(self.path)
+        write_text_atomic(self.path, text)
 
     def append(self, record: dict) -> None:
         with open(self.path, "a") as f:

@@ -8,6 +8,7 @@ one is committed, so a kill at any moment leaves the last good checkpoint in pla
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,39 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run; the message names the fix."""
 
 
+METADATA_FILE = "_CHECKPOINT_METADATA"
+"""The file orbax writes into every committed step folder."""
+
+
+def drop_unfinished_steps(directory: Path) -> None:
+    """Remove empty step folders a kill left behind, refuse partial ones.
+
+    orbax would take an empty ``checkpoints/<step>/`` for the latest step and fail to restore
+    it. An empty folder holds nothing, so removing it loses nothing; a non-empty one without
+    orbax's metadata file is left for the user to look at, with a one-line refusal.
+    """
+    if not directory.is_dir():
+        return
+    for step in sorted(directory.iterdir()):
+        if not (step.name.isdigit() and step.is_dir()) or (step / METADATA_FILE).exists():
+            continue
+        if any(step.iterdir()):
+            raise CheckpointError(
+                f"checkpoint folder {step} is incomplete (no {METADATA_FILE}: its write was "
+                "interrupted); move it out of the run folder, then rerun with --resume"
+            )
+        step.rmdir()
+        print(
+            f"note: removed the empty checkpoint folder {step} a kill left behind", file=sys.stderr
+        )
+
+
 class Checkpoints:
     """The ``checkpoints/`` folder of one run: the last ``keep`` steps (the final one included)."""
 
     def __init__(self, directory: str | Path, keep: int = DEFAULT_KEEP) -> None:
         self.directory = Path(directory).absolute()
+        drop_unfinished_steps(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True
         )

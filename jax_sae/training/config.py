@@ -5,18 +5,24 @@
                         hparams={"k": 64}, steps=2000)).fit()
 
 ``train.py`` parses the same fields with tyro (``--batch-size``, ``--no-normalize``, ...), reads
-them from ``--config run.yaml`` (or ``.toml``; flags given next to it win), and writes the
-resolved ones to ``train_config.yaml`` in the run folder, so ``--config`` of that file repeats
-the run. Variant hyper-parameters (``hparams``; ``--set KEY=VALUE`` on the command line) are
-typed by the registry: ``jax_sae.model.variants.resolve_hparams`` coerces and checks them.
+them from ``--config run.yaml`` (or ``.toml``; each value checked against its field's type;
+flags given next to it win), and writes the resolved ones to ``train_config.yaml`` in the run
+folder, so ``--config`` of that file repeats the run. Variant hyper-parameters (``hparams``;
+``--set KEY=VALUE`` on the command line) are typed by the registry:
+``jax_sae.model.variants.resolve_hparams`` coerces and checks them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import functools
 import json
 import math
 import tomllib
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,6 +32,7 @@ import yaml
 
 from jax_sae.training.divergence import LOSS_BLOWUP_FACTOR, MIN_EXPLAINED_VARIANCE
 from jax_sae.training.engine import COMPUTE_DTYPES
+from jax_sae.util.files import write_text_atomic
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
 RESOLVED_CONFIG = "train_config.yaml"
@@ -127,6 +134,7 @@ class TrainConfig:
             raise ConfigError(f"--stream-window must be >= 1, got {self.stream_window}")
         if not isinstance(self.hparams, dict):
             raise ConfigError(f"hparams must be a mapping KEY: VALUE, got {self.hparams!r}")
+        parse_sweep(self.sweep)  # a bad --sweep fails before the cache is opened
         return self
 
     @property
@@ -163,18 +171,39 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def value_identity(value: Any) -> tuple[str, Any]:
+    """What makes two parsed values the same value: 1 and 1.0 are one number, true is not 1."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int | float):
+        return ("number", "nan" if value != value else value)
+    return ("json", json.dumps(value, sort_keys=True))
+
+
 def parse_sweep(items: list[str]) -> dict[str, list[Any]]:
-    """``KEY=V1,V2,...`` items of ``--sweep`` -> {key: values}, in the given order."""
+    """``KEY=V1,V2,...`` items of ``--sweep`` -> {key: values}, in the given order. A value given
+    twice (also as 1 and 1.0) would train the same member twice, so it is refused."""
     grid: dict[str, list[Any]] = {}
     for item in items:
         key, sep, text = item.partition("=")
-        values = [parse_value(v) for v in text.split(",") if v.strip()]
+        raw = [v.strip() for v in text.split(",") if v.strip()]
+        values = [parse_value(v) for v in raw]
         if not sep or not key or not values:
             raise ConfigError(f"--sweep {item!r} is not KEY=V1,V2,... (e.g. lambda=0.01,0.02)")
         if key in grid:
             raise ConfigError(f"--sweep names {key!r} twice; give all its values in one list")
-        if len(set(map(json.dumps, values))) != len(values):
-            raise ConfigError(f"--sweep {key} repeats a value: {text}")
+        seen: dict[tuple[str, Any], str] = {}
+        for text_value, value in zip(raw, values, strict=True):
+            identity = value_identity(value)
+            if identity in seen:
+                first = seen[identity]
+                same = (
+                    f"{first} is given twice"
+                    if first == text_value
+                    else (f"{first} and {text_value} are the same value")
+                )
+                raise ConfigError(f"--sweep {key} repeats a value: {same}; give each value once")
+            seen[identity] = text_value
         grid[key] = values
     return grid
 
@@ -183,32 +212,190 @@ def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+@functools.cache
+def field_types() -> dict[str, Any]:
+    """Each TrainConfig field's type (``int | None``, ``list[str]``, ...)."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def describe(value: Any) -> str:
+    """A value as a config file holds it, for messages: 'the string "2"', 'the number 100.0'."""
+    if value is None:
+        return "null (an empty value)"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {json.dumps(value)}"
+    if isinstance(value, int):
+        return f"the integer {value}"
+    if isinstance(value, float):
+        return f"the number {value!r}"
+    if isinstance(value, list):
+        return f"the list {json.dumps(value, default=str)}"
+    if isinstance(value, dict):
+        return f"the mapping {json.dumps(value, default=str)}"
+    return f"the {type(value).__name__} {value}"
+
+
+def whole_number(value: Any) -> int | None:
+    """The integer a float or a numeric string stands for (100.0, "1e2", "2"), if any."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip().replace("_", ""))
+        except ValueError:
+            return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+class SettingTypeError(ConfigError):
+    """A config-file value of the wrong type; the caller adds the file's name."""
+
+
+def check_setting(name: str, value: Any, toml: bool = False) -> Any:
+    """``value`` of setting ``name`` as TrainConfig's field type holds it (an integer where a
+    float is expected becomes a float); SettingTypeError naming the expected type otherwise."""
+    kind = field_types()[name]
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    optional = type(None) in options
+    (kind,) = [option for option in options if option is not type(None)]
+    origin = typing.get_origin(kind) or kind
+
+    def written(literal: str) -> str:
+        return f"{name} = {literal}" if toml else f"{name}: {literal}"
+
+    if value is None:
+        if optional:
+            return None
+        unset = "leave it out" if toml else "leave it out (an empty value is null)"
+        fix = f"give a value or {unset}"
+    elif origin in CHECKS:
+        accepted, fix = CHECKS[origin](value, written, toml)
+        if fix is None:
+            return accepted
+    else:  # a field type added without a check here
+        raise SettingTypeError(
+            f"{name!r} must be a {kind}, got {describe(value)}; see train.py --help"
+        )
+    raise SettingTypeError(
+        f"{name!r} must be {EXPECTED.get(origin, 'a value')}, got {describe(value)}; {fix}"
+    )
+
+
+Written = Callable[[str], str]
+"""``written(literal)``: how the setting with that value is written in the file."""
+
+
+def _bool(value: Any, written: Written, toml: bool) -> tuple[Any, str | None]:
+    if isinstance(value, bool):
+        return value, None
+    text = str(value).strip().lower()
+    literal = {"true": "true", "false": "false", "yes": "true", "no": "false"}.get(text)
+    if literal:
+        return None, f"write {written(literal)} without quotes"
+    return None, f"write {written('true')} or {written('false')}"
+
+
+def _int(value: Any, written: Written, toml: bool) -> tuple[Any, str | None]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, None
+    whole = whole_number(value)
+    if whole is not None:
+        return None, f"write {written(str(whole))}"
+    return None, f"write a whole number, e.g. {written('2')}"
+
+
+def _float(value: Any, written: Written, toml: bool) -> tuple[Any, str | None]:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value), None
+    if isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("inf", "infinity"):
+        sign = "-" if value.strip().startswith("-") else ""
+        return None, f"write {written(sign + ('inf' if toml else '.inf'))}"
+    return None, "write a number without quotes"
+
+
+def _str(value: Any, written: Written, toml: bool) -> tuple[Any, str | None]:
+    if isinstance(value, str):
+        return value, None
+    scalar = isinstance(value, int | float | datetime.date | datetime.time)
+    quoted = json.dumps(str(value)) if scalar else '"..."'
+    return None, f"write it in quotes, e.g. {written(quoted)}"
+
+
+def _dict(value: Any, written: Written, toml: bool) -> tuple[Any, str | None]:
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        return value, None
+    return None, "write e.g. " + ("[hparams] k = 64" if toml else written("{k: 64}"))
+
+
+def _list(value: Any, written: Written, toml: bool) -> tuple[Any, str | None]:
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value, None
+    item = value if isinstance(value, str) else "lambda=0.01,0.02"
+    return None, f"write e.g. {written(f'[{json.dumps(item)}]')}"
+
+
+CHECKS: dict[type, Callable[[Any, Written, bool], tuple[Any, str | None]]] = {
+    bool: _bool,
+    int: _int,
+    float: _float,
+    str: _str,
+    dict: _dict,
+    list: _list,
+}
+"""One check per kind of TrainConfig field: (the accepted value, None) or (None, the fix)."""
+EXPECTED = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    dict: "a mapping of KEY: VALUE (string keys)",
+    list: "a list of strings",
+}
+"""How messages name the type of each kind of TrainConfig field."""
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The settings in a YAML or TOML file (keys: TrainConfig fields, dashes or underscores)."""
+    """The settings in a YAML or TOML file (keys: TrainConfig fields, dashes or underscores),
+    each checked against its field's type: a quoted "false" must not pass as true, nor a
+    string "2" reach the cache as a layer."""
     path = Path(path)
     if path.suffix not in CONFIG_SUFFIXES:
         raise ConfigError(f"--config {path}: use a {' or '.join(CONFIG_SUFFIXES)} file")
     if not path.is_file():
         raise ConfigError(f"--config {path} does not exist")
+    toml = path.suffix == ".toml"
     try:
         text = path.read_text()
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        data = tomllib.loads(text) if toml else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as error:
         reason = str(error).splitlines()[0]
         raise ConfigError(f"--config {path} is not valid {path.suffix[1:]}: {reason}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {path} must hold a mapping of settings, got {type(data)}")
-    settings = {key.replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(settings) - set(config_fields()))
-    if unknown:
         raise ConfigError(
-            f"--config {path}: unknown setting {unknown[0]!r}; valid: {', '.join(config_fields())}"
+            f"--config {path} must hold a mapping of settings (e.g. layer: 12), got "
+            f"{describe(data)}"
         )
+    fields = config_fields()
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_") if isinstance(key, str) else key
+        if name not in fields:
+            raise ConfigError(
+                f"--config {path}: unknown setting {key!r}; valid: {', '.join(fields)}"
+            )
+        if name in settings:
+            raise ConfigError(f"--config {path} gives {name!r} twice (with - and _); keep one")
+        try:
+            settings[name] = check_setting(name, value, toml)
+        except SettingTypeError as error:
+            raise ConfigError(f"--config {path}: {error}") from None
+    if settings.get("steps") is not None and settings.get("tokens") is not None:
+        raise ConfigError(f"--config {path} gives steps and tokens; keep one of them")
     return settings
 
 
 def write_config_file(path: Path, config: TrainConfig) -> None:
     """The resolved config as YAML (atomically: a kill leaves the old file or the new one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

@@ -18,7 +18,9 @@ it):
   starts there) while its loss falls: that is only a warning, as the run needs more steps, not
   another learning rate (so is a run with a single logged interval, which shows no trend).
 
-Both thresholds are trainer options; ``inf`` / ``-inf`` switch a sign off.
+Both thresholds are trainer options; ``inf`` / ``-inf`` switch a sign off. A held-out evaluation
+that is not finite (NaN or inf: weights or inputs beyond float32) fails the run whatever the
+thresholds: such a run has no measured quality to report.
 """
 
 from __future__ import annotations
@@ -57,6 +59,22 @@ class DivergenceRule:
         return (
             f"reconstruction loss {now:.4g} at step {record['step']} is more than "
             f"{self.loss_factor:g}x that of predicting zero ({zero_loss:.4g})"
+        )
+
+    @staticmethod
+    def nonfinite_reason(fast_eval: dict | None) -> str | None:
+        """Why the held-out evaluation has no meaning (a NaN or inf metric), or None."""
+        bad = {
+            key: value
+            for key, value in (fast_eval or {}).items()
+            if isinstance(value, float) and not math.isfinite(value)
+        }
+        if not bad:
+            return None
+        shown = ", ".join(f"{key} {value}" for key, value in sorted(bad.items())[:3])
+        return (
+            f"the held-out evaluation is not finite ({shown}): the weights or the inputs overflow "
+            "float32 (check the cache for huge activations)"
         )
 
     def eval_reason(self, fast_eval: dict | None, first: dict, last: dict) -> str | None:

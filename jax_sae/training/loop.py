@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jax_sae.data.loader import Loader
-from jax_sae.data.stream import StreamingLoader
+from jax_sae.data.source import BatchSource
 from jax_sae.model.variants import Variant
 from jax_sae.parallel.distributed import is_primary
 from jax_sae.report import runs
+from jax_sae.report.record import RunRecord
 from jax_sae.training.checkpoint import Checkpoints
 from jax_sae.training.divergence import DivergenceRule
 from jax_sae.training.engine import Engine, TrainState
@@ -48,7 +48,7 @@ class Member:
 
     name: str
     out: Path
-    config: dict[str, Any]
+    config: RunRecord
     variant: Variant
     log: ExperimentLog | None  # None on processes other than the primary
     checkpoints: Checkpoints
@@ -59,7 +59,7 @@ class Member:
 
     def learning_rate(self, step: int) -> float:
         hp = self.variant.hparams
-        schedule = make_schedule(hp["lr"], hp["warmup_steps"], self.config["steps"], hp["lr_decay"])
+        schedule = make_schedule(hp["lr"], hp["warmup_steps"], self.config.steps, hp["lr_decay"])
         return float(schedule(step))
 
     def last_good(self) -> str:
@@ -138,7 +138,7 @@ class GroupRun:
 
     members: list[Member]
     engine: Engine
-    loader: Loader | StreamingLoader
+    loader: BatchSource
     rule: DivergenceRule
     label: str
     after_checkpoint: Callable[[int], None] | None = None
@@ -174,7 +174,7 @@ class GroupRun:
         for index, member in self.alive:
             record = {
                 "step": done,
-                "config_hash": member.config["config_hash"],
+                "config_hash": member.config.config_hash,
                 "loader_step": done,
             }
             member.checkpoints.save(done, self.engine.member(host, index), record)
@@ -208,9 +208,9 @@ class GroupRun:
 
     def run(self, state: TrainState, start: int) -> TrainState:
         config = self.members[0].config
-        steps, log_every = config["steps"], config["log_every"]
+        steps, log_every = config.steps, config.log_every
         shares_every = log_every * max(1, steps // log_every // GRAD_SHARE_POINTS)
-        window = MetricsWindow(config["batch_size"], start)
+        window = MetricsWindow(config.batch_size, start)
         bar = tqdm(
             total=steps,
             initial=start,
@@ -235,7 +235,7 @@ class GroupRun:
                         due = done % shares_every == 0 or done == steps
                         tokens_per_s = self._log(state, batch, step, done, window, due)
                         bar.set_postfix(progress_fields(self.alive, tokens_per_s))
-                    if done % config["checkpoint_every"] == 0 or done == steps:
+                    if done % config.checkpoint_every == 0 or done == steps:
                         self._save(state, done, window)
             except KeyboardInterrupt:
                 # keep the finished steps; not if the state is non-finite or a step was cut
@@ -246,9 +246,9 @@ class GroupRun:
         return state
 
 
-def remedy_for(config: dict) -> str:
+def remedy_for(config: RunRecord) -> str:
     return "lower the learning rate (--set lr=...)" + (
-        "" if config["normalize"] else " or train with --normalize"
+        "" if config.normalize else " or train with --normalize"
     )
 
 

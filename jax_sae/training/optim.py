@@ -15,8 +15,8 @@
 
 Step 4 is part of the chain (not a separate call after `optax.apply_updates`) so that any plain
 optax loop keeps the decoder normalised. Decoder = every parameter whose name starts with
-`W_dec`, shape [..., F, d]; rows are the last axis (norm over d, one per latent). The reference
-template normalised the other axis (each input dimension across latents): that was a bug.
+`W_dec`, shape [..., F, d]; rows are the last axis (norm over d, one per latent), never the
+other axis (each input dimension across latents), which would not make the dictionary unit-norm.
 """
 
 from collections.abc import Mapping

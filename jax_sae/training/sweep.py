@@ -36,13 +36,64 @@ def member_name(swept: dict[str, Any]) -> str:
     return "_".join(f"{key}={json.dumps(value).strip(chr(34))}" for key, value in swept.items())
 
 
+def member_identity(swept: dict[str, Any]) -> frozenset[tuple[str, str]]:
+    """A member as its swept values, whatever the order of the keys or of their values."""
+    return frozenset((key, json.dumps(value, sort_keys=True)) for key, value in swept.items())
+
+
+def recorded_members(sweep_dir: Path) -> list[dict[str, Any]] | None:
+    """The members ``sweep.json`` in ``sweep_dir`` lists (None for a new sweep folder)."""
+    file = sweep_dir / SWEEP_FILE
+    if not file.exists():
+        return None
+    try:
+        members = json.loads(file.read_text())["members"]
+        return [{"name": m["name"], "swept": dict(m["swept"])} for m in members]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(
+            f"{file} is unreadable ({error}); restore it or choose another --out"
+        ) from None
+
+
+def in_recorded_order(
+    grid: dict[str, list[Any]], points: list[dict[str, Any]], sweep_dir: Path
+) -> list[tuple[str, dict[str, Any]]]:
+    """(name, swept) of each grid point: in the order and with the names of the sweep already in
+    ``sweep_dir`` when it has the same members (its values may be given in another order: a
+    member is its values, and its folder keeps them), else in grid order."""
+    fresh = [(member_name(swept), swept) for swept in points]
+    recorded = recorded_members(sweep_dir)
+    if recorded is None:
+        return fresh
+    wanted = {member_identity(swept) for swept in points}
+    if {member_identity(m["swept"]) for m in recorded} == wanted:
+        return [(m["name"], m["swept"]) for m in recorded]
+    keys: dict[str, list[Any]] = {}
+    for member in recorded:
+        for key, value in member["swept"].items():
+            if value not in keys.setdefault(key, []):
+                keys[key].append(value)
+    had = " ".join(f"{k}={','.join(json.dumps(v) for v in vs)}" for k, vs in keys.items())
+    given = " ".join(f"{k}={','.join(json.dumps(v) for v in vs)}" for k, vs in grid.items())
+    raise ConfigError(
+        f"{sweep_dir} holds a sweep over other values ({had}, not {given}); give its values "
+        "to resume it or choose another --out for this one"
+    )
+
+
 def expand(cfg: TrainConfig, sweep_dir: Path) -> list[SweepMember]:
-    """Every point of the grid, in the order of the ``--sweep`` items (last key fastest)."""
+    """Every point of the grid, in the order of the ``--sweep`` items (last key fastest), or in
+    the order of the sweep already in ``sweep_dir`` (which a resumed sweep must keep: members
+    share vmapped steps in that order)."""
     grid = parse_sweep(cfg.sweep)
+    points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    named = in_recorded_order(grid, points, sweep_dir)
+    names = [name for name, _ in named]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise ConfigError(f"--sweep values make two members named {twice!r}; give distinct values")
     members = []
-    for values in itertools.product(*grid.values()):
-        swept = dict(zip(grid, values, strict=True))
-        name = member_name(swept)
+    for name, swept in named:
         if "/" in name or name.startswith("."):
             raise ConfigError(f"--sweep value makes an unusable folder name {name!r}")
         hparams = {k: v for k, v in swept.items() if k not in CONFIG_KEYS}

@@ -16,22 +16,29 @@ from __future__ import annotations
 import contextlib
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes
 
 from jax_sae.data.cache import CacheError
-from jax_sae.data.loader import Loader, LoaderError
-from jax_sae.data.stream import Producer, StreamingLoader, start_producer
+from jax_sae.data.source import BatchSource, LoaderError
+from jax_sae.data.stream import Producer, start_producer
 from jax_sae.model.variants import VariantError
-from jax_sae.parallel.distributed import DistributedError, host_value, local_rows, primary_only
-from jax_sae.parallel.layout import batch_sharding, make_mesh, parse_mesh
+from jax_sae.parallel.distributed import (
+    DistributedError,
+    host_value,
+    local_rows,
+    primary_only,
+    same_everywhere,
+)
+from jax_sae.parallel.layout import batch_sharding, make_mesh, parse_mesh, state_shardings
 from jax_sae.report import compare, plots, runs
 from jax_sae.report.evaluate import EVAL_BATCH, evaluate
+from jax_sae.report.record import RunRecord
 from jax_sae.training import sweep as sweeps
 from jax_sae.training.checkpoint import CheckpointError, Checkpoints
 from jax_sae.training.config import RESOLVED_CONFIG, ConfigError, TrainConfig, write_config_file
@@ -45,6 +52,7 @@ from jax_sae.training.engine import (
     traceable,
 )
 from jax_sae.training.loop import GroupRun, Member, TrainingError, mark_diverged
+from jax_sae.training.memory import check_fits, out_of_memory_message
 from jax_sae.training.resolve import (
     SPARSITY_KEYS,
     ResolvedRun,
@@ -59,8 +67,10 @@ from jax_sae.util.disk import (
     DiskFullError,
     disk_full_error,
     is_disk_full,
+    is_out_of_memory,
     quiet_disk_full_in_threads,
 )
+from jax_sae.util.files import write_bytes_atomic
 
 ONE_LINE_ERRORS = (
     CacheError,
@@ -76,7 +86,6 @@ ONE_LINE_ERRORS = (
 """Bad input or a stopped run: reported as one ``error:`` line, exit status 2."""
 
 
-AnyLoader = Loader | StreamingLoader
 SHARDS_SEEN = "shards_seen.json"
 """A streamed run's record of the shards it read, with their checksums."""
 
@@ -107,7 +116,7 @@ class Trainer:
             except ValueError as error:
                 raise ConfigError(str(error)) from None
 
-    def _loader(self, producer: Producer | None) -> AnyLoader:
+    def _loader(self, producer: Producer | None) -> BatchSource:
         """The run's batches; with several processes, this process's rows of each."""
         cfg = self.config
         cache = open_cache(cfg, producer)
@@ -124,6 +133,8 @@ class Trainer:
         ``stream`` the extractor runs beside the training, and is stopped when it ends."""
         producer = start_producer(self._extract_args()) if self.config.stream else None
         try:
+            if producer is not None:
+                producer.wait_until_open()
             return self._fit(self._loader(producer))
         finally:
             if producer is not None:
@@ -134,19 +145,17 @@ class Trainer:
         budget = [] if cfg.disk_budget is None else ["--disk-budget", cfg.disk_budget]
         return [*shlex.split(cfg.stream), "--out", cfg.cache, *budget]
 
-    def _fit(self, loader: AnyLoader) -> list[FinishedRun]:
+    def _fit(self, loader: BatchSource) -> list[FinishedRun]:
         cfg = self.config
         if cfg.sweep:
             members = sweeps.expand(cfg, cfg.default_out())
             resolved = [resolve_run(m.settings, loader, Path(m.settings.out)) for m in members]
-            for member, run in zip(members, resolved, strict=True):
-                run.config["sweep"] = {
-                    "name": cfg.default_out().name,
-                    "member": member.name,
-                    "swept": member.swept,
-                }
+            resolved = [
+                replace(run, config=run.config.replace(sweep=sweep_entry(cfg, member)))
+                for member, run in zip(members, resolved, strict=True)
+            ]
             groups = sweeps.group_indices(resolved)
-            if isinstance(loader, StreamingLoader) and len(groups) > 1:
+            if loader.single_pass and len(groups) > 1:
                 raise ConfigError(
                     "a stream is read once, so a streamed sweep must train in one vmapped group; "
                     "sweep only floats and seeds here, or sweep sizes over a finished cache"
@@ -154,8 +163,13 @@ class Trainer:
         else:
             resolved = [resolve_run(cfg, loader, cfg.default_out())]
             members, groups = [], [[0]]
+        # processes that disagree would wait for each other forever in their first collective
+        same_everywhere(
+            "configuration", {"settings": vars(cfg), "runs": [r.config.to_json() for r in resolved]}
+        )
         announce(resolved)
         self._warn_about_layout(resolved[0])
+        self._preflight([[resolved[i] for i in group] for group in groups], loader)
         folders = [cfg.default_out()] if cfg.sweep else []
         with contextlib.ExitStack() as stack:
             for folder in [*folders, *(run.out for run in resolved)]:
@@ -175,13 +189,35 @@ class Trainer:
             except ONE_LINE_ERRORS:
                 raise
             except Exception as error:
+                if is_out_of_memory(error):
+                    raise TrainingError(out_of_memory_message()) from error
                 if not is_disk_full(error):
                     raise
-                need = sum(runs.space_to_finish(run.config) for run in resolved)
+                need = sum(runs.space_to_finish(run.config.to_json()) for run in resolved)
                 raise disk_full_error(
                     cfg.default_out(), need, error, "rerun with --resume"
                 ) from error
         return finished
+
+    def _preflight(self, groups: list[list[ResolvedRun]], loader: BatchSource) -> None:
+        """Refuse, before any group trains, inputs with nothing to learn and a group the mesh
+        cannot split or the device cannot hold: a later group failing would leave the sweep half
+        trained."""
+        layer = self.config.layer
+        if not loader.mean_sq_norm() > 0:
+            raise ConfigError(
+                f"layer {layer} of {self.config.cache} holds only zero activations: there is "
+                "nothing to reconstruct; check the layer (or the extraction that wrote it)"
+            )
+        mesh_shape = dict(self.mesh.shape) if self.mesh is not None else None
+        for group in groups:
+            if self.mesh is not None:
+                try:
+                    state_shardings(self.mesh, {}, group[0].variant.d_sae)
+                except ValueError as error:
+                    raise ConfigError(f"--mesh {self.config.mesh}: {error}") from None
+            variants = [run.variant for run in group]
+            check_fits(variants, group[0].config.steps, self.config.batch_size, mesh_shape)
 
     def _warn_about_layout(self, run: ResolvedRun) -> None:
         """The sparse TopK path on a model axis moves far more than its reconstruction."""
@@ -213,7 +249,7 @@ class Trainer:
         write_config_file(folder / RESOLVED_CONFIG, self.config.replace(resume=False))
 
     def _train_group(
-        self, group: list[ResolvedRun], loader: AnyLoader, label: str
+        self, group: list[ResolvedRun], loader: BatchSource, label: str
     ) -> list[FinishedRun]:
         """Train one group together (vmapped when part of a sweep) and finish each member."""
         resume = self.config.resume
@@ -233,8 +269,8 @@ class Trainer:
             try:  # a mesh that does not divide the batch or d_sae
                 engine = make_engine(
                     [m.variant for m in members],
-                    group[0].config["steps"],
-                    group[0].config["compute_dtype"],
+                    group[0].config.steps,
+                    group[0].config.compute_dtype,
                     vmapped,
                     mesh=self.mesh,
                     example=state,
@@ -245,7 +281,7 @@ class Trainer:
             state = engine.place(state)
             if len(members) > 1 and (reason := traceable(engine, state, first_batch(loader))):
                 names = ", ".join(differing_hparams([m.variant for m in members]))
-                if isinstance(loader, StreamingLoader):
+                if loader.single_pass:
                     raise ConfigError(
                         f"{names} cannot vary inside one vmapped step ({reason}), and a stream "
                         "is read once: sweep it over a finished cache"
@@ -260,7 +296,7 @@ class Trainer:
             for member in members:
                 if member.log is not None:
                     member.log.truncate_after(start)
-            release = loader.release_before if isinstance(loader, StreamingLoader) else None
+            release = loader.release_before if loader.releases_data else None
             state = GroupRun(members, engine, loader, rule, label, release).run(state, start)
             return [
                 finish_member(member, engine.member(state, index), loader, rule)
@@ -268,10 +304,9 @@ class Trainer:
                 if member.failure is None
             ] + [FinishedRun(m.out, runs.DIVERGED, None, None) for m in members if m.failure]
 
-    def _member(self, run: ResolvedRun, config: dict, loader: AnyLoader, stack) -> Member:
-        stats = loader.cache.layer_stats(config["layer"])
+    def _member(self, run: ResolvedRun, config: RunRecord, loader: BatchSource, stack) -> Member:
         zero_loss = zero_reconstruction_loss(
-            stats["mean_sq_norm"] * config["norm_scale"] ** 2, run.variant.hparams["recon"]
+            loader.mean_sq_norm() * config.norm_scale**2, run.variant.hparams["recon"]
         )
         name = f"{run.out.parent.name}/{run.out.name}" if self.config.sweep else run.out.name
         log = primary_only(lambda: self._log(run.out, config, name, stack))
@@ -279,12 +314,12 @@ class Trainer:
         return Member(name, run.out, config, run.variant, log, checkpoints, zero_loss)
 
     def _log(
-        self, out: Path, config: dict, name: str, stack: contextlib.ExitStack
+        self, out: Path, config: RunRecord, name: str, stack: contextlib.ExitStack
     ) -> ExperimentLog:
         try:
             log = ExperimentLog(
                 out,
-                config,
+                config.to_json(),
                 name=name,
                 tensorboard=self.config.tensorboard,
                 wandb_project=self.config.wandb,
@@ -294,20 +329,26 @@ class Trainer:
         return stack.enter_context(log)
 
 
+def sweep_entry(cfg: TrainConfig, member: sweeps.SweepMember) -> dict[str, Any]:
+    """config.json's ``sweep`` entry of a member: the sweep, the member and its values."""
+    return {"name": cfg.default_out().name, "member": member.name, "swept": member.swept}
+
+
 def announce(resolved: list[ResolvedRun]) -> None:
     """Print each adapted default and warning once (members of a sweep share most)."""
     seen: set[str] = set()
     for run in resolved:
-        for prefix, lines in (("default adapted", "adapted_defaults"), ("warning", "warnings")):
-            for line in run.config[lines]:
+        notes = (("default adapted", run.config.adapted_defaults), ("warning", run.config.warnings))
+        for prefix, lines in notes:
+            for line in lines:
                 if line not in seen:
                     seen.add(line)
                     print(f"{prefix}: {line}", file=sys.stderr)
     config = resolved[0].config
-    if config["epochs"] > 1:
+    if config.epochs > 1:
         print(
-            f"{config['tokens']} training tokens from {config['train_tokens_in_cache']} in the "
-            f"cache: {config['epochs']:.2f} epochs",
+            f"{config.tokens} training tokens from {config.train_tokens_in_cache} in the "
+            f"cache: {config.epochs:.2f} epochs",
             file=sys.stderr,
         )
 
@@ -335,27 +376,27 @@ def diverged_before(run: ResolvedRun) -> bool:
     return True
 
 
-def first_batch(loader: AnyLoader) -> dict:
+def first_batch(loader: BatchSource) -> dict:
     with loader.batches(0, 1) as batches:
         return next(batches)
 
 
 def restore_or_init(
-    members: list[Member], loader: AnyLoader, vmapped: bool
+    members: list[Member], loader: BatchSource, vmapped: bool
 ) -> tuple[TrainState, int]:
     """The group's state at the latest step every member has a checkpoint of (0: fresh)."""
     config = members[0].config
-    sample = loader.sample(config["batch_size"])
-    fresh = [initial_state(m.variant, m.config["seed"], config["steps"], sample) for m in members]
+    sample = loader.sample(config.batch_size)
+    fresh = [initial_state(m.variant, m.config.seed, config.steps, sample) for m in members]
     latest = [m.checkpoints.latest_step() for m in members]
     start = 0 if None in latest else min(latest)
     if start:
         fresh = [
-            m.checkpoints.restore(start, like, runs.accepted_hashes(m.config))[0]
+            m.checkpoints.restore(start, like, m.config.accepted_hashes)[0]
             for m, like in zip(members, fresh, strict=True)
         ]
         for member in members:
-            print(f"resuming {member.out} at step {start} of {config['steps']}", file=sys.stderr)
+            print(f"resuming {member.out} at step {start} of {config.steps}", file=sys.stderr)
     return stack_members(fresh, vmapped), start
 
 
@@ -373,22 +414,22 @@ def save_weights(out: Path, variant: Any, params: Any, reg_state: Any) -> dict:
             json_info[key] = f"{runs.PARAMS}:{key}"
         else:
             json_info[key] = value
-    tmp = out / f"{runs.PARAMS}.tmp"
-    save_file(arrays, str(tmp))
-    tmp.replace(out / runs.PARAMS)
+    write_bytes_atomic(out / runs.PARAMS, safetensors_bytes(arrays))
     return json_info
 
 
-def write_final_info(out: Path, config: dict, variant: Any, record: dict, fast_eval) -> dict:
+def write_final_info(
+    out: Path, config: RunRecord, variant: Any, record: dict, fast_eval: dict | None
+) -> dict:
     """The template's final_info.json, keeping entries other tools merged in (SAEBench)."""
     hp = variant.hparams
     info = runs.final_info(
-        config,
-        training_steps=config["steps"],
+        config.to_json(),
+        training_steps=config.steps,
         final_loss=record["loss"],
         learning_rate=hp["lr"],
         sparsity_penalty=next((hp[k] for k in SPARSITY_KEYS if k in hp), None),
-        extra={"export_info": config["export_info"], runs.FAST_EVAL_KEY: fast_eval},
+        extra={"export_info": config.export_info, runs.FAST_EVAL_KEY: fast_eval},
     )
     info_file = out / runs.FINAL_INFO
     merged = runs.read_json(info_file) if info_file.exists() else {}
@@ -399,7 +440,7 @@ def write_final_info(out: Path, config: dict, variant: Any, record: dict, fast_e
 
 
 def finish_member(
-    member: Member, state: TrainState, loader: AnyLoader, rule: DivergenceRule
+    member: Member, state: TrainState, loader: BatchSource, rule: DivergenceRule
 ) -> FinishedRun:
     """The member's final files, written by the primary process (the others return the status
     it wrote, and raise when it raises)."""
@@ -409,20 +450,24 @@ def finish_member(
 
 
 def write_outputs(
-    member: Member, params: Any, reg_state: Any, loader: AnyLoader, rule: DivergenceRule
+    member: Member, params: Any, reg_state: Any, loader: BatchSource, rule: DivergenceRule
 ) -> FinishedRun:
     """Weights, export info, fast evaluation on the held-out tokens, final_info.json, plots,
     and the final status (diverged when the held-out explained variance says so)."""
     out, variant = member.out, member.variant
     record = member.record or member.log.read()[-1]  # a finished run resumed: its last interval
-    config = member.config | {"export_info": save_weights(out, variant, params, reg_state)}
-    runs.write_json(out / runs.CONFIG, config)
-    if isinstance(loader, StreamingLoader):  # which shards of the stream the run read
-        runs.write_json(out / SHARDS_SEEN, loader.record(config["steps"]))
+    config = member.config.replace(
+        export_info=save_weights(out, variant, params, reg_state),
+        export_form=variant.export_form(),
+    )
+    runs.write_json(out / runs.CONFIG, config.to_json())
+    read = loader.record(config.steps)  # which shards of a stream the run read
+    if read is not None:
+        runs.write_json(out / SHARDS_SEEN, read)
     results, fast_eval = None, None
-    if config["heldout_tokens"]:
+    if config.heldout_tokens:
         batches = loader.heldout(EVAL_BATCH)
-        results = evaluate(variant, params, batches, state=reg_state, scale=config["norm_scale"])
+        results = evaluate(variant, params, batches, state=reg_state, scale=config.norm_scale)
         fast_eval = {k: v for k, v in results.items() if k != "feature_density"}
         fast_eval |= {
             "batch_size": EVAL_BATCH,
@@ -436,11 +481,13 @@ def write_outputs(
         records=member.log.read(),
         eval=results,
         heldout=lambda: loader.heldout(EVAL_BATCH),
-        norm_scale=config["norm_scale"],
-        title=f"{member.name}: {variant.name}, layer {config['layer']}, d_sae {variant.d_sae}",
+        norm_scale=config.norm_scale,
+        title=f"{member.name}: {variant.name}, layer {config.layer}, d_sae {variant.d_sae}",
     )
     plots.write_plots(view, out / "plots")
-    reason = rule.eval_reason(fast_eval, member.log.read()[0], record)
+    reason = rule.nonfinite_reason(fast_eval) or rule.eval_reason(
+        fast_eval, member.log.read()[0], record
+    )
     if reason is None and (warning := rule.eval_warning(fast_eval)):
         print(f"warning: {member.name}: {warning}", file=sys.stderr)
     if reason is not None:
@@ -449,9 +496,9 @@ def write_outputs(
             "the exporter refuses them without --force; lower the learning rate (--set lr=...)"
         )
         mark_diverged(member, message)
-        if not config.get("sweep"):
+        if not config.sweep:
             raise TrainingError(message)
         print(f"warning: sweep member {member.name}: {message}", file=sys.stderr)
         return FinishedRun(out, runs.DIVERGED, record["loss"], fast_eval)
-    runs.write_status(out, runs.FINISHED, step=config["steps"])
+    runs.write_status(out, runs.FINISHED, step=config.steps)
     return FinishedRun(out, runs.FINISHED, record["loss"], fast_eval)

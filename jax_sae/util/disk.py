@@ -13,24 +13,45 @@ NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "RESOURCE_EXHAUSTED")
 """How a full disk reads in errors that lost their errno (tensorstore under orbax reports
 ``RESOURCE_EXHAUSTED``)."""
+OUT_OF_MEMORY_TEXTS = ("out of memory", "failed to allocate", "resource_exhausted: oom")
+"""How exhausted device or host memory reads (lower-cased): XLA reports it as
+``RESOURCE_EXHAUSTED: Out of memory while trying to allocate N bytes``, the same status code a full
+disk gets from tensorstore, so these texts decide between the two."""
 
 
 class DiskFullError(RuntimeError):
     """A write failed for lack of space; earlier output is intact and the work resumes."""
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """Whether ``error``, or an error it was raised from, is a full disk or exhausted quota."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, DiskFullError):
-            return True
-        if isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS:
-            return True
-        if any(text in str(error) for text in NO_SPACE_TEXTS):
-            return True
+def _chain(error: BaseException | None) -> list[BaseException]:
+    """``error`` and the errors it was raised from."""
+    chain: list[BaseException] = []
+    while error is not None and all(error is not seen for seen in chain):
+        chain.append(error)
         error = error.__cause__ or error.__context__
+    return chain
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from, is exhausted device or host memory."""
+    return any(
+        isinstance(e, MemoryError) or any(t in str(e).lower() for t in OUT_OF_MEMORY_TEXTS)
+        for e in _chain(error)
+    )
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from, is a full disk or exhausted quota
+    (never exhausted memory, which shares the ``RESOURCE_EXHAUSTED`` status)."""
+    if is_out_of_memory(error):
+        return False
+    for e in _chain(error):
+        if isinstance(e, DiskFullError):
+            return True
+        if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+            return True
+        if any(text in str(e) for text in NO_SPACE_TEXTS):
+            return True
     return False
 
 
