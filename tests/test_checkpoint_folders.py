@@ -3,12 +3,15 @@ is refused in one line; orbax would otherwise take either for the latest step an
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import pytest
 
 import train
 from jax_sae.training.checkpoint import CheckpointError, Checkpoints
-from tests.test_train_cli import STEPS, args, write_cache
+from tests.test_train_cli import LAYER, REPO, STEPS, args, write_cache
 
 
 def test_an_empty_step_folder_is_removed_and_the_last_good_step_restored(tmp_path, capsys):
@@ -40,3 +43,21 @@ def test_train_resumes_past_an_empty_step_folder(tmp_path, capsys):
     (out / "checkpoints" / str(STEPS)).mkdir()
     assert train.main(args(cache, out, "--steps", str(STEPS), "--resume")) == 0
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_corrupt_shard_is_refused_before_any_checkpoint_is_opened(tmp_path):
+    """The data is read and checked before orbax's manager (and its threads) exist, so the
+    refusal is one line, with no traceback from a thread outliving the exit."""
+    cache = write_cache(tmp_path / "cache")
+    shard = cache / f"L{LAYER}" / "shard_00001.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[-7] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train.py", *args(cache, out, "--steps", "20")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: checksum mismatch")
+    assert not (out / "checkpoints").exists()

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -16,7 +19,7 @@ from jax_sae.model.variants import make_variant
 from jax_sae.training import memory, trainer
 from jax_sae.util.disk import is_disk_full, is_out_of_memory
 from tests.helpers import poke_cache
-from tests.test_train_cli import LAYER, args, one_error_line, write_cache
+from tests.test_train_cli import LAYER, REPO, args, one_error_line, write_cache
 
 XLA_OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 40000000000 bytes."
 TENSORSTORE_FULL = "RESOURCE_EXHAUSTED: Error writing local file: No space left on device"
@@ -130,3 +133,26 @@ def test_all_zero_activations_are_refused_before_training(tmp_path, capsys):
     line = one_error_line(capsys)
     assert "holds only zero activations" in line and "learning rate" not in line
     assert not (out / "checkpoints").exists()
+
+
+def test_every_sweep_group_is_checked_before_any_trains(cache, tmp_path, capsys):
+    """The d_sae=64 group would train first; the 2e9 group cannot fit: nothing may train."""
+    out = tmp_path / "sweep"
+    argv = [*args(cache, out, "--steps", "4"), "--sweep", "d_sae=64,2000000000"]
+    assert train.main(argv) == 2
+    assert "out of memory on cpu" in one_error_line(capsys)
+    assert not list(out.rglob("sae_params.safetensors")) and not list(out.rglob("checkpoints"))
+
+
+def test_a_group_the_mesh_cannot_split_is_refused_before_any_trains(cache, tmp_path):
+    out = tmp_path / "sweep"
+    argv = [*args(cache, out, "--steps", "4"), "--mesh", "model=2", "--sweep", "d_sae=64,65"]
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run(
+        [sys.executable, "train.py", *argv], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "d_sae=65 is not divisible by the mesh's model size 2" in errors[0]
+    assert not list(out.rglob("sae_params.safetensors")) and not list(out.rglob("checkpoints"))

@@ -21,7 +21,13 @@ from safetensors.numpy import load_file
 
 import train
 from jax_sae.data.loader import Loader, LoaderError
-from jax_sae.parallel.distributed import DistributedError, initialize_from_env, one_block
+from jax_sae.parallel.distributed import (
+    DistributedError,
+    differences,
+    initialize_from_env,
+    one_block,
+    same_everywhere,
+)
 from jax_sae.report import runs as runs_module
 from tests.test_loader import TEMPORAL_KEYS, index_of, take
 from tests.test_loader import write_cache as write_marked_cache
@@ -101,6 +107,16 @@ def test_a_busy_coordinator_port_is_a_one_line_error(monkeypatch):
         environ = {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2"}
         with pytest.raises(DistributedError, match="process 0 cannot listen on port"):
             initialize_from_env(environ | {"JAX_PROCESS_ID": "0"})
+
+
+def test_differences_name_the_settings_before_what_follows_from_them():
+    """The message of processes that disagree: the settings as given, then the resolved runs."""
+    mine = {"settings": {"steps": 30, "seed": 0}, "runs": [{"tokens": 960, "seed": 0}]}
+    theirs = {"settings": {"steps": 20, "seed": 0}, "runs": [{"tokens": 640, "seed": 0}]}
+    assert differences(mine, theirs) == "differs in settings.steps: 30 vs 20 and 1 more"
+    mine["settings"]["steps"] = 20
+    assert differences(mine, theirs) == "differs in runs.0.tokens: 960 vs 640"
+    same_everywhere("configuration", mine)  # one process: nothing to compare with
 
 
 def test_row_spans_of_a_process_must_form_one_block():

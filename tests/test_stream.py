@@ -461,3 +461,17 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_streamed_cache_deleted_mid_run_is_one_line(tmp_path):
+    """rm -rf of the cache while a run streams it: the next read or release names the deletion."""
+    cache = write_stream(tmp_path / "c", [[16, 16], [16, 16]], complete=False)
+    stream = StreamCache(cache, poll_s=0.01)
+    stream.wait_for_shards(1)
+    shutil.rmtree(cache)
+    with pytest.raises(StreamError, match="was deleted while this run read it"):
+        stream.wait_for_shards(5)
+    with pytest.raises(StreamError, match="was deleted while this run read it"):
+        stream.shard("L2", 1)
+    with pytest.raises(StreamError, match="was deleted while this run read it"):
+        stream.release(1, [], step=10)

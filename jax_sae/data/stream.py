@@ -249,6 +249,8 @@ class StreamCache:
         """The manifest, once it lists ``count`` shards or the extraction is complete."""
         while True:
             stopped = self.producer.stopped() if self.producer else None  # before the read
+            if self._manifest is not None:
+                self._check_still_there()
             manifest = read_manifest(self.path) if (self.path / MANIFEST).exists() else None
             if manifest and (len(manifest["shards"]) >= count or manifest.get("complete")):
                 self._keep(manifest)
@@ -308,6 +310,7 @@ class StreamCache:
         try:
             array = open_shard(self.path, kind, entry, row_shape, dtype)
         except CacheError:
+            self._check_still_there()
             if read_manifest(self.path)["shards"][index].get("deleted"):  # deleted since read
                 raise StreamError(self._deleted(index)) from None
             raise
@@ -318,6 +321,16 @@ class StreamCache:
             )
             self._checked.add((kind, index))
         return array
+
+    def _check_still_there(self) -> None:
+        """StreamError when the cache folder or its manifest went away under a running stream
+        (someone deleted it): every later read would fail with a less helpful message."""
+        if not (self.path / MANIFEST).is_file():
+            raise StreamError(
+                f"the streamed cache {self.path} was deleted while this run read it; stream "
+                "into a new --cache (--resume continues the run from its last checkpoint only "
+                "with the same cache)"
+            )
 
     def _deleted(self, index: int) -> str:
         release = read_release(self.path)
@@ -354,6 +367,7 @@ class StreamCache:
 
     def release(self, released_below: int, pinned: Sequence[int], step: int) -> None:
         """Let the extractor delete the shards below ``released_below`` but ``pinned``."""
+        self._check_still_there()
         write_release(self.path, released_below, pinned, step)
         self.released_below = released_below
 

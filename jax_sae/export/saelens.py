@@ -46,6 +46,7 @@ from safetensors.numpy import load_file, save_file
 from jax_sae.export.torch_twins import EXPORT_CONFIG, EXPORT_WEIGHTS
 from jax_sae.util.cli import OneLineParser
 from jax_sae.util.disk import disk_full_error, is_disk_full
+from jax_sae.util.files import DamagedFileError, read_json_object
 
 RUN_CONFIG = "config.json"
 RUN_WEIGHTS = "sae_params.safetensors"
@@ -72,6 +73,9 @@ EXPORTED_FROM = "exported_from"  # cfg.json metadata: the run an export came fro
 UNIT_NORM_ATOL = 1e-4  # float32 renormalisation leaves ~1e-7; more means rows were not normalised
 
 
+RERUN = "resume the run (train.py ... --resume) to write it again, or train into a new --out"
+
+
 class ExportError(ValueError):
     """A run folder that cannot be exported; the message names the problem and the fix."""
 
@@ -89,7 +93,7 @@ def status_problem(run_dir: Path) -> str | None:
     file = run_dir / RUN_STATUS
     if not file.is_file():
         return None
-    status = json.loads(file.read_text())
+    status = read_json_object(file, RERUN)
     state = status.get("state")
     if state == "finished":
         return None
@@ -111,7 +115,7 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             f"{run_dir} has no {RUN_WEIGHTS}: training has not finished; resume it "
             f"(train.py ... --out {run_dir} --resume) until it writes its final weights"
         )
-    config = json.loads(config_path.read_text())
+    config = read_json_object(config_path, RERUN)
     try:
         stored = load_file(weights_path)
     except Exception as error:  # safetensors raises its own error type for damaged files
@@ -471,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         out = export_run(args.run_dir, args.out, force=args.force, replace=args.replace)
-    except (ExportError, OSError, json.JSONDecodeError) as error:
+    except (ExportError, DamagedFileError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"exported {args.run_dir} -> {out}")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from jax_sae.report import runs
+from jax_sae.util.files import DamagedFileError
 
 FAST_METRICS = {
     "l0": "l0",
@@ -139,8 +140,8 @@ def read_run(path: Path, name: str) -> dict[str, Any]:
     try:
         config = runs.read_json(config_file)
         info = runs.read_json(path / runs.FINAL_INFO) if (path / runs.FINAL_INFO).is_file() else {}
-    except json.JSONDecodeError as error:
-        raise CompareError(f"{path}: unreadable JSON ({error}); rerun or remove it") from None
+    except DamagedFileError as error:
+        raise CompareError(str(error)) from None
     entry = info.get(f"training results for layer {config.get('layer')}", {})
     return {
         "name": name,

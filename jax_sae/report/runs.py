@@ -23,7 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from jax_sae.util.files import write_json_atomic, write_text_atomic
+from jax_sae.util.files import read_json_object, write_json_atomic, write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "config.json"
@@ -118,7 +118,8 @@ def space_to_finish(config: dict) -> int:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """A JSON object the trainer wrote; DamagedFileError (one line) for anything else."""
+    return read_json_object(path, "restore it from a copy, or train into a new --out")
 
 
 def strict_json(obj: Any) -> Any:

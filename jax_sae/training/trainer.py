@@ -70,7 +70,7 @@ from jax_sae.util.disk import (
     is_out_of_memory,
     quiet_disk_full_in_threads,
 )
-from jax_sae.util.files import write_bytes_atomic
+from jax_sae.util.files import DamagedFileError, write_bytes_atomic
 
 ONE_LINE_ERRORS = (
     CacheError,
@@ -82,6 +82,7 @@ ONE_LINE_ERRORS = (
     runs.RunFolderError,
     DiskFullError,
     DistributedError,
+    DamagedFileError,
 )
 """Bad input or a stopped run: reported as one ``error:`` line, exit status 2."""
 
@@ -258,6 +259,9 @@ class Trainer:
             if not group:
                 return []
         rule = DivergenceRule(self.config.diverge_loss_factor, self.config.diverge_min_ev)
+        # read (and check) the data before opening checkpoints: an early refusal then leaves no
+        # checkpoint manager behind with orbax's background threads
+        sample = loader.sample(self.config.batch_size)
         with contextlib.ExitStack() as stack:
             members = []
             for run in group:
@@ -265,7 +269,7 @@ class Trainer:
                 primary_only(lambda run=run, config=config: start_run_dir(run, config))
                 members.append(self._member(run, config, loader, stack))
             vmapped = bool(self.config.sweep)
-            state, start = restore_or_init(members, loader, vmapped)
+            state, start = restore_or_init(members, sample, vmapped)
             try:  # a mesh that does not divide the batch or d_sae
                 engine = make_engine(
                     [m.variant for m in members],
@@ -382,11 +386,11 @@ def first_batch(loader: BatchSource) -> dict:
 
 
 def restore_or_init(
-    members: list[Member], loader: BatchSource, vmapped: bool
+    members: list[Member], sample: np.ndarray, vmapped: bool
 ) -> tuple[TrainState, int]:
-    """The group's state at the latest step every member has a checkpoint of (0: fresh)."""
+    """The group's state at the latest step every member has a checkpoint of (0: fresh); a
+    fresh state's data-dependent init uses ``sample``."""
     config = members[0].config
-    sample = loader.sample(config.batch_size)
     fresh = [initial_state(m.variant, m.config.seed, config.steps, sample) for m in members]
     latest = [m.checkpoints.latest_step() for m in members]
     start = 0 if None in latest else min(latest)

@@ -60,3 +60,20 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     cannot parse. The bytes (indent 1, no final newline) are part of the format: a cache's
     identity is the hash of its manifest file."""
     write_bytes_atomic(path, json.dumps(obj, indent=1, allow_nan=False).encode())
+
+
+class DamagedFileError(ValueError):
+    """A JSON file that is not what its writer writes; the message names it and the fix."""
+
+
+def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``; DamagedFileError (one line, ending in ``fix``) when the file
+    is not valid JSON or holds something other than an object. A missing file is an OSError."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DamagedFileError(f"{path} is damaged (not valid JSON: {error}); {fix}") from None
+    if not isinstance(value, dict):
+        kind = type(value).__name__
+        raise DamagedFileError(f"{path} is damaged (a JSON {kind}, not an object); {fix}")
+    return value
