@@ -47,7 +47,7 @@ DEMO_SWEEP := runs/demo_sweep
 DEMO_TRAIN := --cache $(DEMO_CACHE) --layer 2 --normalize --tokens 1000000 --set dead_tokens=100000 \
 	--set d_sae=512 --set lr=0.003 --set warmup_steps=20 --resume
 
-.PHONY: setup setup-eval test lint extract tiny-model train export-eval compare demo bench \
+.PHONY: setup setup-eval test test-fast lint extract tiny-model train export-eval compare demo bench \
 	setup-peers bench-peers synth synth-eval synth-bench clean
 
 setup: $(VENV)/.installed
@@ -68,9 +68,14 @@ $(VENV_EVAL)/.installed: requirements-eval.txt
 test: setup setup-eval
 	$(PY) -m pytest -q
 
+# the inner loop: everything but the slow, fault-injection and multi-process tests
+test-fast: setup setup-eval
+	$(PY) -m pytest -q -m "not slow and not faults and not multiprocess"
+
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 tiny-model: setup
 	test -f $(TINY)/config.json || $(PY) -m extract.tiny_model --out $(TINY)

@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
 import numpy as np
@@ -51,6 +51,9 @@ from extract.sources import (
 from jax_sae.data.cache import PRODUCER_OPEN, CacheWriter, hook_name
 from jax_sae.util.disk import DiskFullError, disk_full_error, is_disk_full
 from jax_sae.util.files import write_json_atomic
+
+if TYPE_CHECKING:  # imported where a model loads: transformers is slow to import
+    from transformers import PreTrainedModel
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_SHARD_TOKENS = 131_072  # ~600 MB per layer and shard for Gemma-2-2b in bfloat16
@@ -152,7 +155,7 @@ def hook_points(model: torch.nn.Module, layers: Iterable[int]) -> list[HookPoint
     return points
 
 
-def truncate_after(model: torch.nn.Module, last_layer: int) -> None:
+def truncate_after(model: PreTrainedModel, last_layer: int) -> None:
     """Keep blocks ``0..last_layer`` only: the later ones can then never run."""
     _, blocks = decoder_blocks(model)
     model.base_model.layers = torch.nn.ModuleList(list(blocks)[: last_layer + 1])
@@ -377,7 +380,7 @@ def _settings(cfg: ExtractConfig, model_dtype: str) -> dict:
 
 
 def _metadata(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     tokenizer: Any,
     source: ModelSource,
     dataset: DatasetSource,
@@ -565,11 +568,12 @@ class Extraction:
 
 def _below_norm_limit(rows: dict[int, torch.Tensor], factor: float) -> torch.Tensor:
     """Host bool mask of tokens whose norm is <= factor x the batch median at every layer."""
-    ok = None
+    ok: torch.Tensor | None = None
     for r in rows.values():
         norms = r.float().norm(dim=1)
         layer_ok = norms <= factor * norms.median() if len(norms) else norms > 0
         ok = layer_ok if ok is None else ok & layer_ok
+    assert ok is not None  # one entry per hooked layer, and ExtractConfig wants at least one
     return ok.cpu()
 
 

@@ -13,11 +13,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from extract.errors import ExtractError, first_line
+
+if TYPE_CHECKING:  # imported where a model loads: transformers is slow to import
+    from transformers import PreTrainedModel
+
 
 HUB_TIMEOUT_S = 10.0
 # local data files -> the `datasets` builder that reads them
@@ -140,7 +144,7 @@ def _dtype_kwarg() -> str:
 
 def load_model(
     source: ModelSource, dtype: torch.dtype, attn_implementation: str
-) -> tuple[torch.nn.Module, Any]:
+) -> tuple[PreTrainedModel, Any]:
     """Load the causal LM (on CPU, in ``dtype``) and its tokenizer, exactly as from the hub."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -422,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = _read_build_info(path)
+    assert info is not None  # build_tiny_model returns only a folder holding its build info
     print(
         f"tiny model in {path}: loss {info['initial_loss']:.2f} -> {info['final_loss']:.2f}, "
         f"corpus {path / CORPUS_FILE} ({info['corpus']['n_texts']} texts)"

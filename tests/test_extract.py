@@ -26,6 +26,8 @@ from extract.extractor import ExtractConfig, extract, hook_points, tokenize, tru
 from extract.tiny_model import TinyModelSpec, build_tiny_model, stdlib_docstrings
 from jax_sae.data.cache import MANIFEST, ActivationCache, CacheError
 
+pytestmark = pytest.mark.slow  # runs the tiny model
+
 REPO = Path(__file__).resolve().parents[1]
 
 

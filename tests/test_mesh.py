@@ -141,6 +141,7 @@ def assert_same_state(actual: dict, expected: dict) -> None:
         np.testing.assert_allclose(actual[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["4x1", "2x2", "1x4"])
 @pytest.mark.parametrize("variant", MESH_RUNS)
 def test_mesh_gives_the_weights_of_one_device(runs, variant, mesh):
@@ -151,6 +152,7 @@ def test_mesh_gives_the_weights_of_one_device(runs, variant, mesh):
     assert facts[f"layouts_kept/{variant}/{mesh}"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["batchtopk", "jumprelu", "freq", "pair_ortho", "two_level"])
 def test_every_other_variant_on_2x2_gives_the_weights_of_one_device(runs, variant):
     arrays, facts = runs
@@ -158,6 +160,7 @@ def test_every_other_variant_on_2x2_gives_the_weights_of_one_device(runs, varian
     assert facts[f"layouts_kept/{variant}/2x2"]
 
 
+@pytest.mark.slow
 def test_sweep_members_sharded_like_unsharded(runs):
     arrays, _ = runs
     expected = run_of(arrays, "sweep/1")
@@ -166,6 +169,7 @@ def test_sweep_members_sharded_like_unsharded(runs):
     assert_same_state(run_of(arrays, "sweep/2x2"), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["2x2", "1x4"])
 def test_sharded_top_k_equals_lax_top_k_ties_included(runs, mesh):
     arrays, _ = runs
@@ -173,6 +177,7 @@ def test_sharded_top_k_equals_lax_top_k_ties_included(runs, mesh):
         np.testing.assert_array_equal(arrays[f"top_k/{mesh}/{part}"], arrays[f"top_k/lax/{part}"])
 
 
+@pytest.mark.slow
 def test_sharded_step_never_gathers_all_codes(runs):
     """GSPMD replicates a top-k's operand; routed through `sharded_top_k` only candidates move."""
     _, facts = runs
@@ -180,6 +185,7 @@ def test_sharded_step_never_gathers_all_codes(runs):
     assert not facts["gathers_all_codes"], "\n".join(facts["all_gathers"])
 
 
+@pytest.mark.slow
 def test_checkpoint_of_2x2_restores_onto_1x4(runs):
     arrays, facts = runs
     assert_same_state(run_of(arrays, "restore/1x4"), run_of(arrays, "restore/saved"))
@@ -208,6 +214,7 @@ def small_cache(tmp_path_factory) -> Path:
     return write_cache(tmp_path_factory.mktemp("cache") / "c")
 
 
+@pytest.mark.slow
 def test_train_py_on_a_mesh_and_resumed_on_another(small_cache, tmp_path):
     """The trainer end to end: a 2x2 run equals the 1-device run; a run killed at its step-10
     checkpoint on 2x2 resumes on 1x4 and still ends with the same weights."""

@@ -33,6 +33,8 @@ from tests.test_loader import TEMPORAL_KEYS, index_of, take
 from tests.test_loader import write_cache as write_marked_cache
 from tests.test_train_cli import args, write_cache
 
+pytestmark = pytest.mark.multiprocess  # processes joined through jax.distributed
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
 VARIANTS = {"standard": (), "topk": ("k=8",)}
@@ -389,6 +391,7 @@ from jax_sae.parallel.distributed import initialize_from_env
 initialize_from_env()
 import jax
 from jax.experimental import multihost_utils
+
 print("joined", file=sys.stderr, flush=True)
 if jax.process_index() == 0:
     multihost_utils.sync_global_devices("a collective process 1 never enters")

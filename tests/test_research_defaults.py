@@ -15,6 +15,8 @@ from jax_sae.model.variants import VARIANTS, make_variant
 from jax_sae.training.diagnostics import make_grad_shares
 from tests.helpers import relu_sae_gradients
 
+pytestmark = pytest.mark.slow  # gradient shares at the full default sizes
+
 D_IN, BATCH = 2304, 2048
 SHARE_BAND = (0.02, 0.30)
 

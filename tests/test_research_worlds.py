@@ -21,6 +21,8 @@ from jax_sae.model.variants import make_variant
 from synth import metrics
 from tests.test_export import EVAL_PYTHON, REPO, eval_venv_env
 
+pytestmark = pytest.mark.slow  # trains on synthetic worlds
+
 D, FEATURES, TOKENS, BATCH = 64, 1024, 2**18, 2048
 """World size: one epoch is 128 steps of 2048 tokens (the trainer's default run length)."""
 WORLDS = ("basic", "hierarchy", "temporal", "zipf")
@@ -28,6 +30,7 @@ WORLDS = ("basic", "hierarchy", "temporal", "zipf")
 BUILD_SCRIPT = """
 import sys
 from synth.make_world import main
+
 root, worlds, size = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
 for world in worlds:
     assert main(["--world", world, "--out", f"{root}/{world}", *size]) == 0

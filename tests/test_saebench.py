@@ -21,6 +21,8 @@ from jax_sae.model.variants import make_variant
 from saebench_eval import run as driver
 from tests.test_export import EVAL_PYTHON, REPO, eval_venv_env
 
+pytestmark = pytest.mark.slow  # SAEBench in .venv-eval
+
 LAYER, F, SCALE = 2, 256, 0.5
 N_TEXTS = 24  # corpus rows for the eval: a few thousand tokens, one core batch
 TRAINING_KEY = f"training results for layer {LAYER}"
@@ -40,6 +42,7 @@ np.savez(out, tokens=tokens.numpy(), **resid)
 import inspect, json
 from pathlib import Path
 from saebench_eval import evals
+
 llm = evals.LLMSettings("gemma-2-2b", "cuda", "bfloat16", 32)
 calls = {}
 for name in evals.HUB_EVALS:

@@ -254,6 +254,7 @@ def _all_eqns(jaxpr):
             yield from _all_eqns(sub)
 
 
+@pytest.mark.slow
 def test_sparse_path_is_vmappable_for_sweeps():
     """A vmapped gradient over stacked parameters equals each member's own (a sweep)."""
     v, p, x, _, state = random_topk_setup(k=5, k_aux=7)

@@ -17,6 +17,8 @@ from jax_sae.training.trainer import SHARDS_SEEN
 from tests.test_faults import assert_same_weights
 from tests.test_train_cli import REPO
 
+pytestmark = pytest.mark.slow  # the extractor beside the trainer
+
 BUDGET = 3 << 19  # 1.5 MiB: about 18 of the stream's 24 shards
 
 

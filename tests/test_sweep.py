@@ -83,6 +83,7 @@ def test_a_member_equals_the_same_single_run(sweep, cache, tmp_path):
     )  # so a member resumes and compares as the single run it is
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_bit_for_bit(sweep, cache, tmp_path):
     out = tmp_path / "killed"
     argv = args(cache, out, "--steps", str(STEPS), *SWEEP)
@@ -98,6 +99,7 @@ def test_killed_sweep_resumes_bit_for_bit(sweep, cache, tmp_path):
         assert_same_weights(out / name, sweep / name)
 
 
+@pytest.mark.slow
 def test_shape_changing_keys_train_as_separate_groups_and_members_export(cache, tmp_path, capsys):
     out = tmp_path / "k"
     sets = ("d_sae=64", "warmup_steps=5", "lr=0.01")
@@ -114,6 +116,7 @@ def test_shape_changing_keys_train_as_separate_groups_and_members_export(cache, 
     assert json.loads((tmp_path / "export" / "cfg.json").read_text())["k"] == 4
 
 
+@pytest.mark.slow
 def test_a_key_that_sets_a_shape_inside_the_step_falls_back_to_one_member_at_a_time(
     cache, tmp_path, capsys
 ):

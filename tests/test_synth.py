@@ -22,6 +22,8 @@ from jax_sae.export import saelens as ex
 from synth import metrics
 from tests.test_export import EVAL_PYTHON, REPO, eval_venv_env
 
+pytestmark = pytest.mark.slow  # worlds and scores in .venv-eval
+
 D, F, TOKENS, T, SHARD = 64, 256, 20000, 64, 8192
 WORLDS = ("basic", "hierarchy", "temporal", "zipf")
 SIZE = ["--d-model", str(D), "--features", str(F), "--tokens", str(TOKENS), "--seq-len", str(T)]
@@ -31,6 +33,7 @@ BUILD_SCRIPT = """
 import json, sys
 from jax_sae.data.cache import CacheWriter
 from synth.make_world import main
+
 root, size = sys.argv[1], json.loads(sys.argv[2])
 for world in ("basic", "hierarchy", "temporal", "zipf"):
     assert main(["--world", world, "--out", f"{root}/{world}", *size]) == 0

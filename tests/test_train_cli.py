@@ -148,6 +148,7 @@ def test_resume_from_a_checkpoint_is_bit_for_bit(reference_run, cache, tmp_path,
     assert (out / "metrics.jsonl").read_text() == (reference_run / "metrics.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_the_uninterrupted_run(reference_run, cache, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "train.py", *args(cache, out, "--steps", str(STEPS))]

@@ -202,36 +202,43 @@ def test_clamping_interventions_match_numpy():
     concepts = [1, 4]
     base = [3, 8, 9, 17, 40, 63]
     cases = {
-        "clamp_base": (base, np.isin(np.arange(F + F_C), base)),
-        "clamp_concepts": (concepts, np.isin(np.arange(F + F_C), F + np.array(concepts))),
-        "clamp_coordinated": (
+        "base": (base, np.isin(np.arange(F + F_C), base)),
+        "concepts": (concepts, np.isin(np.arange(F + F_C), F + np.array(concepts))),
+        "coordinated": (
             concepts,
             np.isin(np.arange(F + F_C), F + np.array(concepts))
             | np.isin(np.arange(F + F_C) // CHILDREN, concepts) & (np.arange(F + F_C) < F),
         ),
     }
     for name, (indices, selected) in cases.items():
-        clamp = getattr(interventions, name)
-        out = clamp(v, to_jax(p), jnp.asarray(x, jnp.float32), indices, 7.5, jnp.asarray(untouched))
+        x_jax, untouched_jax = jnp.asarray(x, jnp.float32), jnp.asarray(untouched)
+        out = interventions.clamp(v, to_jax(p), x_jax, name, indices, 7.5, untouched_jax)
         expected, codes = np_clamp(p, x, selected, 7.5, untouched)
         assert_close(out, expected, rtol=1e-5, what=name)
         np.testing.assert_array_equal(np.asarray(out)[untouched], x[untouched].astype(np.float32))
         assert np.any((codes[~untouched] > 0) & selected), f"{name} clamped nothing"
         assert np.abs(np.asarray(out) - x).max() > 1.0
     with pytest.raises(VariantError, match="concept indices"):
-        interventions.clamp_concepts(v, to_jax(p), jnp.asarray(x), [F_C], 1.0)
+        interventions.clamp(v, to_jax(p), jnp.asarray(x), "concepts", [F_C], 1.0)
 
 
 def test_base_clamp_of_a_single_level_sae():
     v = make_variant("standard", D, F)
     p = {k: random_params(11)[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec")}
     x = np.random.default_rng(12).normal(size=(32, D))
-    out = interventions.clamp_base(v, to_jax(p), jnp.asarray(x, jnp.float32), [0, 5, 6], 3.0)
+    out = interventions.clamp(v, to_jax(p), jnp.asarray(x, jnp.float32), "base", [0, 5, 6], 3.0)
     h = np.maximum((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"], 0)
     clamped = np.where(np.isin(np.arange(F), [0, 5, 6]) & (h > 0), -3.0, h)
     assert_close(out, x + (clamped - h) @ p["W_dec"], rtol=1e-5)
     with pytest.raises(VariantError, match="no concept level"):
-        interventions.clamp_coordinated(v, to_jax(p), jnp.asarray(x), [0], 1.0)
+        interventions.clamp(v, to_jax(p), jnp.asarray(x), "coordinated", [0], 1.0)
+
+
+def test_clamp_rejects_an_unknown_level():
+    v = make_variant("two_level", D, F, **HP)
+    x = jnp.zeros((4, D), jnp.float32)
+    with pytest.raises(VariantError, match="clamp level 'children' is unknown"):
+        interventions.clamp(v, to_jax(random_params(13)), x, "children", [0], 1.0)
 
 
 def hierarchical_data(n: int, seed: int) -> np.ndarray:
@@ -260,6 +267,7 @@ def test_trains_through_the_real_train_step():
         np.testing.assert_allclose(np.linalg.norm(params[name], axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_base_topk_selects_at_the_defaults():
     """At the default sizes the base TopK must cut the gated candidates down on
     most tokens: k_b below the k_c * F / F_c eligible children."""

@@ -32,6 +32,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from numpy.typing import DTypeLike
 
 from jax_sae.util.disk import human_bytes, require_space
 from jax_sae.util.files import TMP_SUFFIX, fsync_dir, write_atomic, write_json_atomic
@@ -111,7 +112,7 @@ def scan_array(array: np.ndarray, check_finite: bool = True) -> tuple[int, int |
     crc, bad_row = 0, None
     for start in range(0, len(flat), step):
         block = flat[start : start + step]
-        crc = zlib.crc32(memoryview(block.view(np.uint8)), crc)
+        crc = zlib.crc32(block.view(np.uint8).data, crc)
         if bad_row is None and uint is not None:
             bad = _non_finite_mask(block.view(uint), array.dtype)
             if bad is not None and bad.any():
@@ -404,7 +405,7 @@ class CacheWriter:
         checksums = {}
         for kind, array in arrays.items():
             (self.path / kind).mkdir(exist_ok=True)
-            write_atomic(self.path / shard_file(kind, index), lambda f, a=array: np.save(f, a))
+            write_atomic(self.path / shard_file(kind, index), partial(np.save, arr=array))
             checksums[kind] = _array_crc32(array)
         for kind in arrays:
             fsync_dir(self.path / kind)
@@ -483,7 +484,7 @@ class ShardedArray:
     def __init__(
         self,
         shards: list[np.ndarray],
-        out_dtype: np.dtype,
+        out_dtype: DTypeLike,
         before_read: Callable[[int], None] | None = None,
     ) -> None:
         self.shards = shards
@@ -582,7 +583,9 @@ class ActivationCache:
         self.n_tokens: int = int(sum(self.shard_sizes))
         if self.n_tokens == 0:
             raise CacheError(f"activation cache {self.path} lists no complete shard; re-extract")
-        kinds = {layer_kind(layer): ((self.d_model,), self.dtype) for layer in self.layers}
+        kinds: dict[str, tuple[tuple[int, ...], np.dtype]] = {
+            layer_kind(layer): ((self.d_model,), self.dtype) for layer in self.layers
+        }
         kinds |= {"tokens": ((), np.dtype(np.int32)), "positions": ((), np.dtype(np.int32))}
         self._maps = {
             kind: [open_shard(self.path, kind, s, shape, dtype) for s in self.manifest["shards"]]
@@ -622,7 +625,7 @@ class ActivationCache:
             for position in range(len(maps)):
                 self.check_shard(kind, position)
 
-    def _array(self, kind: str, out_dtype: np.dtype) -> ShardedArray:
+    def _array(self, kind: str, out_dtype: DTypeLike) -> ShardedArray:
         check = partial(self.check_shard, kind) if self.check_on_read else None
         return ShardedArray(self._maps[kind], out_dtype, before_read=check)
 

@@ -36,7 +36,8 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache, partial
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,7 @@ def device_batches(
     if convert_on_device is None:
         convert_on_device = jax.default_backend() != "cpu"
     if per_process:
+        assert sharding is not None  # BatchSpec refuses ``rows`` without a sharding
         place = partial(global_batch, sharding=sharding)
     else:
         place = partial(jax.device_put, device=sharding)
@@ -140,7 +142,19 @@ def heldout_start(cache: ActivationCache, eval_tokens: int) -> int:
     return int(starts[-1]) if starts[-1] > 0 else cut
 
 
-def norm_scale(cache: ActivationCache, layer: int) -> float:
+class LayerStatistics(Protocol):
+    """What ``norm_scale`` reads: a finished cache or a stream (``jax_sae.data.stream``)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def d_model(self) -> int: ...
+
+    def layer_stats(self, layer: int) -> dict: ...
+
+
+def norm_scale(cache: LayerStatistics, layer: int) -> float:
     """Scalar s with E||s x||^2 = d_model, from the cache's per-layer statistics."""
     mean_sq_norm = cache.layer_stats(layer)["mean_sq_norm"]
     if not mean_sq_norm > 0:
@@ -150,7 +164,7 @@ def norm_scale(cache: ActivationCache, layer: int) -> float:
 
 def make_chunks(shard_sizes: Sequence[int], end: int, chunk_tokens: int) -> np.ndarray:
     """``[n, 2]`` (start, stop) token ranges covering ``[0, end)``; no chunk crosses a shard."""
-    chunks = []
+    chunks: list[tuple[int, int]] = []
     shard_start = 0
     for size in shard_sizes:
         stop = min(shard_start + size, end)
@@ -241,8 +255,9 @@ class _HostBuffer:
             token_rows.append(np.arange(out + a - lo, out + b - lo))
             out += b - lo
         self.x_rows = np.concatenate(token_rows)[permutation]
-        self.seq_start = self.prev_rows = None
-        if temporal:
+        self.seq_start: np.ndarray | None = None
+        self.prev_rows: np.ndarray | None = None
+        if seq_starts is not None:
             tokens = np.concatenate([np.arange(a, b) for a, b in chunks])[permutation]
             self.seq_start = seq_starts[tokens]
             self.prev_rows = np.where(self.seq_start, 0, self.x_rows - 1)
@@ -251,6 +266,7 @@ class _HostBuffer:
         """Rows ``[lo, hi)`` of the buffer's visit order (storage dtype)."""
         batch = {"x": self.rows[self.x_rows[lo:hi]]}
         if self.prev_rows is not None:
+            assert self.seq_start is not None  # both are set for a temporal read
             batch["x_prev"] = self.rows[self.prev_rows[lo:hi]]
             batch["seq_start"] = self.seq_start[lo:hi]
         return batch

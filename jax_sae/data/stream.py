@@ -232,6 +232,7 @@ class StreamCache:
     @property
     def manifest(self) -> dict:
         """The most advanced manifest read so far, whichever thread read it."""
+        assert self._manifest is not None  # __init__ waits for the first one (or raises)
         return self._manifest
 
     @property

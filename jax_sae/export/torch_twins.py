@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,6 +28,13 @@ class TwoLevelSAE(torch.nn.Module):
     dictionaries and SAEBench's weight metrics, feature clamping and probing work unchanged.
     `cfg` (a SAEBench `CustomSAEConfig`) is attached by the evaluation code, which owns SAEBench.
     """
+
+    # registered in __init__ (register_parameter / register_buffer), read through Module.__getattr__
+    W_enc: torch.nn.Parameter
+    W_dec: torch.nn.Parameter
+    b_enc: torch.nn.Parameter
+    b_dec: torch.nn.Parameter
+    parent: torch.Tensor
 
     def __init__(self, arrays: dict[str, np.ndarray], k_base: int, k_concept: int) -> None:
         super().__init__()
@@ -81,7 +89,13 @@ class TwoLevelSAE(torch.nn.Module):
         return cls(arrays, k_base=cfg["k_base"], k_concept=cfg["k_concept"])
 
 
-TWINS: dict[str, type[torch.nn.Module]] = {"two_level": TwoLevelSAE}
+class Twin(Protocol):
+    """What `TWINS` holds: a module class whose `load(export_dir)` rebuilds it from an export."""
+
+    def load(self, export_dir: str | Path) -> torch.nn.Module: ...
+
+
+TWINS: dict[str, Twin] = {"two_level": TwoLevelSAE}
 """SAELens-less architecture name -> the module whose `load(export_dir)` rebuilds it."""
 
 

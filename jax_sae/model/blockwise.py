@@ -84,7 +84,8 @@ def _value_with_gradient_bwd(fn, residuals, cotangent):
     return cotangent * grad, jax.tree.map(_zero_cotangent, args)
 
 
-def _zero_cotangent(x: jax.Array) -> jax.Array:
+def _zero_cotangent(x: jax.Array) -> jax.Array | np.ndarray:
+    """Zeros of a float input; a float0 numpy array (JAX's symbolic zero) of an integer one."""
     x = jnp.asarray(x)
     if jnp.issubdtype(x.dtype, jnp.inexact):
         return jnp.zeros_like(x)

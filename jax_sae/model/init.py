@@ -42,6 +42,6 @@ def geometric_median(
         new = weights @ points / weights.sum()
         step = np.linalg.norm(new - median)
         median = new
-        if step <= rtol * max(np.linalg.norm(median), eps):
+        if step <= rtol * max(float(np.linalg.norm(median)), eps):
             break
     return median.astype(np.float32)

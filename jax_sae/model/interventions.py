@@ -14,10 +14,10 @@ row mask `untouched` [B] does that for any rows the caller names (`None`: every 
 
 For `two_level` the codes are the joint [h, g] of `Variant.encode` (F base latents, then F_c
 concepts; base latent j is a child of concept j // (F / F_c)), and the selection says which
-level: `clamp_base` (base latents j), `clamp_concepts` (concepts c) and `clamp_coordinated`
+level `clamp` acts on: "base" (base latents j), "concepts" (concepts c) or "coordinated"
 (concepts c together with all their children). Clamping follows the encoder's decisions: a
 clamped concept's children keep the codes they were given, and an inactive latent is never
-touched. `clamp_base` also serves every single-level variant, whose codes are just h.
+touched. Level "base" also serves every single-level variant, whose codes are just h.
 `multiplier` is in the units of the codes of `params` (an exported SAE: raw activations).
 """
 
@@ -64,11 +64,11 @@ def _level_sizes(variant: Variant) -> tuple[int, int]:
 
 
 def _mask(indices: Sequence[int], size: int, what: str) -> np.ndarray:
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if indices.size and (indices.min() < 0 or indices.max() >= size):
-        raise VariantError(f"{what} indices must be in [0, {size}), got {indices.tolist()}")
+    flat = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if flat.size and (flat.min() < 0 or flat.max() >= size):
+        raise VariantError(f"{what} indices must be in [0, {size}), got {flat.tolist()}")
     mask = np.zeros(size, dtype=bool)
-    mask[indices] = True
+    mask[flat] = True
     return mask
 
 
@@ -85,46 +85,34 @@ def concept_selection(
     `with_children`, every base latent whose parent is one of them."""
     n_base, n_concepts = _level_sizes(variant)
     if n_concepts == 0:
-        raise VariantError(f"variant {variant.name!r} has no concept level; use clamp_base")
+        raise VariantError(
+            f"variant {variant.name!r} has no concept level; clamp its base latents (level 'base')"
+        )
     chosen = _mask(concepts, n_concepts, "concept")
     children = np.repeat(chosen, n_base // n_concepts) if with_children else np.zeros(n_base, bool)
     return np.concatenate([children, chosen])
 
 
-def clamp_base(
+LEVELS = ("base", "concepts", "coordinated")
+"""What `clamp` clamps: base latents, concepts alone, or concepts with all their children."""
+
+
+def clamp(
     variant: Variant,
     params: Params,
     x: jax.Array,
-    latents: Sequence[int],
+    level: str,
+    indices: Sequence[int],
     multiplier: float,
     untouched: jax.Array | None = None,
 ) -> jax.Array:
-    """Base-level clamp: SAEBench's `clamp_feature_activation` of base latents `latents`."""
-    selected = base_selection(variant, latents)
-    return clamp_residual(variant, params, x, selected, multiplier, untouched)
-
-
-def clamp_concepts(
-    variant: Variant,
-    params: Params,
-    x: jax.Array,
-    concepts: Sequence[int],
-    multiplier: float,
-    untouched: jax.Array | None = None,
-) -> jax.Array:
-    """Concept-level clamp of `two_level`: the selected concepts only."""
-    selected = concept_selection(variant, concepts)
-    return clamp_residual(variant, params, x, selected, multiplier, untouched)
-
-
-def clamp_coordinated(
-    variant: Variant,
-    params: Params,
-    x: jax.Array,
-    concepts: Sequence[int],
-    multiplier: float,
-    untouched: jax.Array | None = None,
-) -> jax.Array:
-    """Coordinated clamp of `two_level`: the selected concepts together with all their children."""
-    selected = concept_selection(variant, concepts, with_children=True)
+    """SAEBench's `clamp_feature_activation` of `indices` at `level` (one of `LEVELS`): "base"
+    clamps base latents (every variant), "concepts" the `two_level` concepts only, "coordinated"
+    those concepts together with all their children."""
+    if level == "base":
+        selected = base_selection(variant, indices)
+    elif level in ("concepts", "coordinated"):
+        selected = concept_selection(variant, indices, with_children=level == "coordinated")
+    else:
+        raise VariantError(f"clamp level {level!r} is unknown; use one of {', '.join(LEVELS)}")
     return clamp_residual(variant, params, x, selected, multiplier, untouched)

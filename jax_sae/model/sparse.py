@@ -208,7 +208,9 @@ def _encode_at_bwd(compute_dtype, residuals, g):
 encode_at.defvjp(_encode_at_fwd, _encode_at_bwd)
 
 
-def densify(values: jax.Array, rows: jax.Array, cols: jax.Array, shape: tuple[int, int]):
+def densify(
+    values: jax.Array, rows: jax.Array, cols: jax.Array, shape: tuple[int, ...]
+) -> jax.Array:
     """The dense [B, F] code with `values` at (rows, cols), zeros elsewhere; differentiable in
     `values` (its backward is a gather), for loss terms and metrics that read `Forward.h`."""
     return jnp.zeros(shape, values.dtype).at[rows, cols].set(values)

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ import numpy as np
 
 from jax_sae.model.architectures import (
     BatchTopKSAE,
+    Forward,
     JumpReLUSAE,
     Params,
     ReLUSAE,
@@ -278,7 +279,7 @@ def _declared_in(source: Any) -> tuple[str, str]:
     architecture class or a loss-term instance."""
     owner = source if inspect.ismodule(source) or inspect.isclass(source) else type(source)
     path = Path(inspect.getfile(owner)).resolve()
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the repository: jax_sae/model/variants.py
     where = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
     return owner.__name__.rsplit(".", 1)[-1], where
 
@@ -407,8 +408,9 @@ class Variant:
             )
         return dict(self.spec.architecture.init_from_data(params, sample, self.hparams))
 
-    def params_to_arrays(self, params: Params) -> dict[str, np.ndarray]:
-        """Float32 numpy arrays under SAELens names and shapes (JumpReLU: `threshold`)."""
+    def params_to_arrays(self, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Float32 numpy arrays under SAELens names and shapes (JumpReLU: `threshold`), from
+        device or host parameters."""
         return self.spec.architecture.to_saelens(jax.device_get(params))
 
     def params_from_arrays(self, arrays: Mapping[str, Any]) -> Params:
@@ -457,7 +459,8 @@ class Variant:
         """Inference-time latent codes. Only `batchtopk` reads `state` (its threshold; without a
         state it applies the training rule, batch top-k, to the given x)."""
         model = self.model(compute_dtype)
-        return model.apply({"params": params}, x, state, method=model.encode)
+        # flax types apply's result as (output, variables) for the mutable case; not used here
+        return cast(jax.Array, model.apply({"params": params}, x, state, method=model.encode))
 
     def decode(self, params: Params, h: jax.Array, *, compute_dtype: Any = jnp.float32):
         model = self.model(compute_dtype)
@@ -497,7 +500,7 @@ class Variant:
         hp = self.hparams
         model = self.model(compute_dtype)
         x = batch["x"].astype(jnp.float32)
-        fwd = model.apply({"params": params}, x, method=model.forward)
+        fwd = cast(Forward, model.apply({"params": params}, x, method=model.forward))
         recon_loss = recon.reconstruction_loss(x, fwd.x_hat, hp["recon"])
         counts, fired = dead_tracking.update(state[dead_tracking.STATE_KEY], fwd.h)
         dead = dead_tracking.dead_mask(counts, hp["dead_tokens"])

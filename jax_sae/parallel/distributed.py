@@ -38,7 +38,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import jax
@@ -353,6 +353,7 @@ def differences(mine: Any, theirs: Any, limit: int = 3) -> str:
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
@@ -378,8 +379,13 @@ def is_primary() -> bool:
 def local_rows(sharding: Sharding, batch_size: int) -> slice:
     """The rows of a global batch of ``batch_size`` that this process's devices hold under
     ``sharding``: the only rows it has to read (all of them when the batch is replicated)."""
-    spans = sharding.addressable_devices_indices_map((batch_size,)).values()
-    return one_block([span[0].indices(batch_size)[:2] for span in spans])
+    spans = []
+    for index in sharding.addressable_devices_indices_map((batch_size,)).values():
+        # JAX types the entries Optional, but they come from devices_indices_map: never None
+        assert index is not None
+        start, stop, _ = index[0].indices(batch_size)
+        spans.append((start, stop))
+    return one_block(spans)
 
 
 def one_block(spans: list[tuple[int, int]]) -> slice:

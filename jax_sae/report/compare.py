@@ -28,7 +28,6 @@ draws them hollow and the markdown says so at the top. Errors are one line, exit
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from jax_sae.report import runs
+from jax_sae.util.cli import OneLineParser
 from jax_sae.util.files import DamagedFileError
 
 FAST_METRICS = {
@@ -100,7 +100,7 @@ CURVES = (
 )
 
 
-class Panel(NamedTuple):
+class ParetoPanel(NamedTuple):
     """One panel of pareto.png: row column `y` against row column `x` (log scale)."""
 
     x: str
@@ -113,13 +113,15 @@ class Panel(NamedTuple):
 
 
 PANELS = (
-    Panel("l0", "ev_saebench", "L0", "explained variance (SAEBench definition)", optional=False),
-    Panel("l0", "ev_train_batches", "L0 (training)", "EV (train batches)"),
-    Panel(
+    ParetoPanel(
+        "l0", "ev_saebench", "L0", "explained variance (SAEBench definition)", optional=False
+    ),
+    ParetoPanel("l0", "ev_train_batches", "L0 (training)", "EV (train batches)"),
+    ParetoPanel(
         "l0", "fvu_pooled", "L0", "FVU (pooled)", higher_is_better=False, optional=False, log_y=True
     ),
-    Panel("core_l0", "ce_loss_score", "L0 (SAEBench core)", "CE loss score (SAEBench core)"),
-    Panel("l0", "synth_mcc", "L0", "MCC (synthetic world)"),
+    ParetoPanel("core_l0", "ce_loss_score", "L0 (SAEBench core)", "CE loss score (SAEBench core)"),
+    ParetoPanel("l0", "synth_mcc", "L0", "MCC (synthetic world)"),
 )
 """Every panel pareto.png can have; an optional one only appears when some run has its metric.
 FVU spans decades across a sparsity sweep: log scale where all values are positive."""
@@ -245,7 +247,7 @@ def check_consistency(loaded: list[dict], allow_mismatch: bool) -> dict[str, dic
     return found
 
 
-def differing_hparams(loaded: list[dict]) -> list[str]:
+def differing_hparam_names(loaded: list[dict]) -> list[str]:
     """Hyper-parameters (and d_sae, layer) that several runs have, with different values there.
 
     A key only one run has (e.g. `lambda_2` next to `topk` runs) is named by the variant column.
@@ -373,13 +375,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _plottable(row: dict, panel: Panel) -> bool:
+def _plottable(row: dict, panel: ParetoPanel) -> bool:
     x, y = row.get(panel.x), row.get(panel.y)
-    numbers = isinstance(x, int | float) and isinstance(y, int | float)
-    return numbers and math.isfinite(x) and math.isfinite(y) and x > 0
+    if not (isinstance(x, int | float) and isinstance(y, int | float)):
+        return False
+    return math.isfinite(x) and math.isfinite(y) and x > 0
 
 
-def pareto_panels(rows: list[dict]) -> list[Panel]:
+def pareto_panels(rows: list[dict]) -> list[ParetoPanel]:
     """The panels of pareto.png: EV (SAEBench) and FVU (pooled) always, the optional ones
     (training-batch EV, SAEBench CE loss score, synthetic MCC) where some run has a point."""
     return [p for p in PANELS if not p.optional or any(_plottable(r, p) for r in rows)]
@@ -405,7 +408,7 @@ def _plain_log_ticks(axis: Any, values: list[float]) -> None:
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
-def _draw_panel(ax: Any, panel: Panel, rows: list[dict], styles: dict) -> None:
+def _draw_panel(ax: Any, panel: ParetoPanel, rows: list[dict], styles: dict) -> None:
     """Each run as a point (hollow when mismatched), each variant's frontier as a step line."""
     sign = 1.0 if panel.higher_is_better else -1.0
     drawn = [r for r in rows if _plottable(r, panel)]
@@ -506,15 +509,29 @@ def curves_plot(loaded: list[dict], out: Path) -> Path:
     return path
 
 
+def check_out(out: Path) -> None:
+    """The output folder must be a folder of its own, not a file and not a run folder (whose
+    files a later export or resume treats as the run's)."""
+    if out.exists() and not out.is_dir():
+        raise CompareError(
+            f"--out {out} is a file, not a folder; choose a folder, e.g. runs/compare"
+        )
+    if (out / runs.CONFIG).is_file():
+        raise CompareError(
+            f"--out {out} is a run folder; write the comparison elsewhere, e.g. runs/compare"
+        )
+
+
 def compare(run_dirs: list[Path], out: Path, *, allow_mismatch: bool = False) -> list[dict]:
     """Write comparison.md/.json/.png and pareto.png for `run_dirs` into `out`; returns the
     table rows."""
     if not run_dirs:
         raise CompareError("no runs given; pass one or more run folders (runs/<name>)")
+    check_out(out)
     loaded = load_runs(run_dirs)
     found = check_consistency(loaded, allow_mismatch)
     flags = mismatch_flags(found)
-    differing = differing_hparams(loaded)
+    differing = differing_hparam_names(loaded)
     rows = [summarise(run, differing, flags) for run in loaded]
     out.mkdir(parents=True, exist_ok=True)
     cache = loaded[0]["config"].get("cache", "?")
@@ -561,7 +578,7 @@ def write_sweep_report(sweep_dir: Path, member_dirs: list[Path]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
     parser.add_argument(
@@ -569,7 +586,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="compare runs that differ in tokens, normalize, layer or eval_tokens, flagged",
     )
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error already printed as one line
+        return int(exit_.code or 0)
     try:
         rows = compare(args.runs, args.out, allow_mismatch=args.allow_mismatch)
     except CompareError as error:

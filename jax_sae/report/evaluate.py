@@ -88,8 +88,8 @@ class MetricTotals:
         self.sums: dict[str, np.ndarray] = {}
         self.shift: np.ndarray | None = None
 
-    def add(self, x: jax.Array, x_hat: jax.Array, h: jax.Array) -> None:
-        """Add one batch of raw activations, reconstructions and codes."""
+    def add(self, x: jax.Array | np.ndarray, x_hat: jax.Array, h: jax.Array) -> None:
+        """Add one batch of raw activations (host or device), reconstructions and codes."""
         if self.shift is None:
             self.shift = np.asarray(x, np.float64).mean(axis=0).astype(np.float32)
         sums = jax.device_get(_batch_sums(x, x_hat, h, self.shift))
@@ -102,6 +102,7 @@ class MetricTotals:
         """Floats per the module docstring, plus ``feature_density`` (numpy [F])."""
         if not self.batches:
             raise ValueError("no held-out tokens to evaluate; pass --eval-tokens > 0")
+        assert self.shift is not None  # set by the first ``add``, and one has run
         s, n = self.sums, self.sums["n"]
         d = len(self.shift)
         mean_sq_norm = s["sq_norm"] / n

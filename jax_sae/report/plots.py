@@ -68,7 +68,7 @@ MARKER_LIMIT = 400
 
 
 @dataclass(frozen=True)
-class Panel:
+class CurvePanel:
     """One panel of ``training_curves.png``: named (tokens, values) lines on a decided y scale."""
 
     title: str
@@ -108,7 +108,7 @@ def y_scale(series: dict[str, tuple[np.ndarray, np.ndarray]], rule: str) -> str:
     return "log" if rule == "log" or values.max() > 10 * values.min() else "linear"
 
 
-def curve_panels(records: list[dict]) -> list[Panel]:
+def curve_panels(records: list[dict]) -> list[CurvePanel]:
     """The panels ``training_curves`` draws, in order; a panel without logged values is left out."""
     terms = {key.removeprefix(TERM_LOSS_PREFIX): key for key in term_keys(records)}
     shares = sorted({k for r in records for k in r if k.startswith(GRAD_SHARE_PREFIX)})
@@ -139,7 +139,7 @@ def curve_panels(records: list[dict]) -> list[Panel]:
         series = {label: points for label, points in series.items() if len(points[0])}
         if series:
             legend = len(series) > 1 or title in named
-            panels.append(Panel(title, ylabel, y_scale(series, rule), series, legend))
+            panels.append(CurvePanel(title, ylabel, y_scale(series, rule), series, legend))
     return panels
 
 
@@ -148,7 +148,7 @@ def _within_decade(ax: plt.Axes) -> bool:
     return high < 10 * low
 
 
-def draw_panel(ax: plt.Axes, panel: Panel) -> None:
+def draw_panel(ax: plt.Axes, panel: CurvePanel) -> None:
     """One line per series through every logged point, each point marked while they stay apart."""
     for label, (tokens, values) in panel.series.items():
         marker = "." if len(tokens) <= MARKER_LIMIT else None

@@ -87,7 +87,7 @@ class RunRecord:
     def from_json(cls, data: dict[str, Any]) -> RunRecord:
         """The record of a config.json dict (missing entries read as None)."""
         names = [f.name for f in dataclasses.fields(cls) if f.name not in ("extra", "absent")]
-        known = {name: data.get(name) for name in names}
+        known: dict[str, Any] = {name: data.get(name) for name in names}
         extra = {key: value for key, value in data.items() if key not in known}
         absent = frozenset(name for name in names if name not in data)
         return cls(**known, extra=extra, absent=absent)

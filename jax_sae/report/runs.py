@@ -23,6 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from jax_sae.data.cache import MANIFEST
 from jax_sae.util.files import read_json_object, write_json_atomic, write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +96,20 @@ def differing_keys(old: dict, new: dict) -> list[str]:
 
 class RunFolderError(RuntimeError):
     """A run folder that cannot be used right now; the message names the fix."""
+
+
+def check_out_folder(out: Path, cache: Path) -> None:
+    """Refuse an ``--out`` that is a file, or that is (or lies inside) an activation cache: run
+    files mixed into a cache folder are easy to lose with it, and confuse both readers."""
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file, not a folder; choose a folder for the run")
+    inside = [out.resolve(), *out.resolve().parents]
+    if Path(cache).resolve() in inside or (out / MANIFEST).is_file():
+        where = out if (out / MANIFEST).is_file() else Path(cache)
+        raise RunFolderError(
+            f"--out {out} is inside the activation cache {where}; give the run a folder of its "
+            "own, e.g. runs/<name>"
+        )
 
 
 def has_progress(folder: Path) -> bool:

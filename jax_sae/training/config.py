@@ -265,6 +265,7 @@ def check_setting(name: str, value: Any, toml: bool = False) -> Any:
     def written(literal: str) -> str:
         return f"{name} = {literal}" if toml else f"{name}: {literal}"
 
+    fix: str | None  # how to correct the value; None from a check that accepted it
     if value is None:
         if optional:
             return None

@@ -34,7 +34,7 @@ EVAL_KEY = "explained_variance_pooled"
 """The fast evaluation's 1 - FVU over all held-out tokens (jax_sae.report.evaluate)."""
 
 
-def reconstruction_loss(record: dict) -> float:
+def logged_reconstruction(record: dict) -> float:
     """The reconstruction term of a metrics record (the total loss if not logged separately)."""
     return float(record.get("recon", record["loss"]))
 
@@ -53,7 +53,7 @@ class DivergenceRule:
     def loss_reason(self, record: dict, zero_loss: float) -> str | None:
         """Why ``record`` shows a diverged run (or None); ``zero_loss`` from
         ``zero_reconstruction_loss``."""
-        now = reconstruction_loss(record)
+        now = logged_reconstruction(record)
         if math.isfinite(now) and now <= self.loss_factor * zero_loss:
             return None
         return (
@@ -81,14 +81,14 @@ class DivergenceRule:
         """Why the end-of-run held-out evaluation shows a diverged run (or None), given the
         run's first and last logged records."""
         value = self._below_minimum(fast_eval)
-        improved = reconstruction_loss(last) < reconstruction_loss(first)
+        improved = logged_reconstruction(last) < logged_reconstruction(first)
         if value is None or improved or last["step"] <= first["step"]:  # one record: no trend
             return None
         return (
             f"held-out explained variance (pooled, 1 - FVU) {value:.4g} is below "
             f"{self.min_explained_variance:g} "
             f"(worse than predicting the mean) and the reconstruction loss never fell below its "
-            f"early value {reconstruction_loss(first):.4g}"
+            f"early value {logged_reconstruction(first):.4g}"
         )
 
     def eval_warning(self, fast_eval: dict | None) -> str | None:

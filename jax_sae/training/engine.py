@@ -56,7 +56,7 @@ def initial_state(variant: Variant, seed: int, steps: int, data_sample: np.ndarr
     }
 
 
-def differing_hparams(variants: Sequence[Variant]) -> dict[str, jax.Array]:
+def swept_hparam_arrays(variants: Sequence[Variant]) -> dict[str, jax.Array]:
     """The hyper-parameters on which members differ, as one float32 array each ([N])."""
     keys = [k for k in variants[0].hparams if len({v.hparams[k] for v in variants}) > 1]
     return {k: jnp.asarray([v.hparams[k] for v in variants], jnp.float32) for k in keys}
@@ -67,7 +67,7 @@ def vmap_members(
 ) -> Callable:
     """``build(variant)`` for every member at once: vmapped over the leading member axis of the
     first ``member_args`` arguments, the other arguments shared by all members."""
-    base, values = variants[0], differing_hparams(variants)
+    base, values = variants[0], swept_hparam_arrays(variants)
 
     def one(hp: dict, *args: Any) -> Any:
         return build(base.with_hparams(hp))(*args)
@@ -132,6 +132,7 @@ def make_engine(
         (variant,) = variants
         body, shares = build_step(variant), build_shares(variant)
     jitted_shares = jax.jit(shares)
+    jitted_step: Callable
     if mesh is None:
         jitted_step = jax.jit(body, donate_argnums=(0, 1, 2))
 
@@ -139,6 +140,7 @@ def make_engine(
             return state
 
     else:
+        assert example is not None, "a mesh lays out the state after the example's shapes"
         keys = ("params", "opt_state", "reg_state")
         layout = state_shardings(
             mesh, tuple(example[k] for k in keys), variants[0].d_sae, member_axis=vmapped

@@ -44,6 +44,7 @@ class ResolvedRun:
 
 def open_cache(cfg: TrainConfig, producer: Producer | None = None) -> ActivationCache | StreamCache:
     """The cache to train on; with ``cfg.stream``, the stream the ``producer`` writes."""
+    assert cfg.cache is not None  # TrainConfig.checked requires it
     if cfg.stream is not None:
         return StreamCache(cfg.cache, producer)
     cache = ActivationCache(cfg.cache)
@@ -62,6 +63,7 @@ def eval_tokens_for(cfg: TrainConfig, cache: ActivationCache | StreamCache) -> i
         return cfg.eval_tokens
     if cfg.stream is not None:  # the first shards of the stream, kept to the end
         return DEFAULT_EVAL_TOKENS
+    assert isinstance(cache, ActivationCache)  # open_cache opens a stream only for cfg.stream
     return min(DEFAULT_EVAL_TOKENS, cache.n_tokens // 10)
 
 
@@ -73,6 +75,7 @@ def make_loader(
 ) -> BatchSource:
     """The batches of a run (shared by every member of a sweep group); with ``rows`` this
     process's rows of each, as part of global arrays of ``sharding`` (several processes)."""
+    assert cfg.layer is not None and cfg.variant is not None  # TrainConfig.checked requires them
     spec = BatchSpec(
         batch_size=cfg.batch_size,
         seed=cfg.batch_seed,
@@ -83,9 +86,11 @@ def make_loader(
     )
     eval_tokens = eval_tokens_for(cfg, cache)
     if cfg.stream is not None:
+        assert isinstance(cache, StreamCache)  # open_cache opens a stream for cfg.stream
         return StreamingLoader(
             cache, cfg.layer, spec, window=cfg.stream_window, eval_tokens=eval_tokens
         )
+    assert isinstance(cache, ActivationCache)
     return Loader(cache, cfg.layer, spec, eval_tokens=eval_tokens)
 
 
@@ -115,6 +120,7 @@ def first_run_length(out: Path, resume: bool) -> int | None:
 
 def resolve_run(cfg: TrainConfig, source: BatchSource, out: Path) -> ResolvedRun:
     """The run's variant and config.json; one-line errors for settings that cannot work."""
+    assert cfg.layer is not None and cfg.variant is not None  # TrainConfig.checked requires them
     steps = run_steps(cfg, source)
     overrides = dict(cfg.hparams)
     d_sae = overrides.pop("d_sae", None)
@@ -132,6 +138,7 @@ def resolve_run(cfg: TrainConfig, source: BatchSource, out: Path) -> ResolvedRun
     except ValueError as error:
         raise ConfigError(f"{error}; change it with --set") from None
     eval_tokens = source.eval_tokens
+    log_every = cfg.log_every or default_log_every(steps)
     settings = cfg.replace(
         hparams={**variant.hparams, "d_sae": variant.d_sae},
         steps=steps,
@@ -139,7 +146,7 @@ def resolve_run(cfg: TrainConfig, source: BatchSource, out: Path) -> ResolvedRun
         out=str(out),
         resume=False,
         data_seed=cfg.batch_seed,
-        log_every=cfg.log_every or default_log_every(steps),
+        log_every=log_every,
         eval_tokens=eval_tokens,
         sweep=[],
     )
@@ -176,7 +183,7 @@ def resolve_run(cfg: TrainConfig, source: BatchSource, out: Path) -> ResolvedRun
         loader={"chunk_tokens": DEFAULT_CHUNK_TOKENS, "buffer_chunks": DEFAULT_BUFFER_CHUNKS},
         mesh=cfg.mesh,
         checkpoint_every=cfg.checkpoint_every,
-        log_every=settings.log_every,
+        log_every=log_every,
         divergence={
             "loss_factor": cfg.diverge_loss_factor,
             "min_explained_variance": cfg.diverge_min_ev,

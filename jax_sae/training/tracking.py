@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any
@@ -72,7 +73,9 @@ class ExperimentLog:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._metrics = MetricsLog(self.out / METRICS)
-        self._summary_writer = import_tracker("tensorboardX").SummaryWriter if tensorboard else None
+        self._summary_writer: Callable[..., Any] | None = (
+            import_tracker("tensorboardX").SummaryWriter if tensorboard else None
+        )
         self._tensorboard: Any = None  # opened at the first append, after any truncate_after
         self._purge_step: int | None = None
         self._wandb: Any = None
@@ -128,6 +131,7 @@ class ExperimentLog:
         self.close()
 
     def _tensorboard_writer(self) -> Any:
+        assert self._summary_writer is not None  # called only when TensorBoard is on
         if self._tensorboard is None:
             logdir = self.out / TENSORBOARD_DIR
             self._tensorboard = self._summary_writer(

@@ -17,6 +17,7 @@ import contextlib
 import shlex
 import sys
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,10 @@ from jax_sae.training.config import RESOLVED_CONFIG, ConfigError, TrainConfig, w
 from jax_sae.training.divergence import DivergenceRule, zero_reconstruction_loss
 from jax_sae.training.engine import (
     TrainState,
-    differing_hparams,
     initial_state,
     make_engine,
     stack_members,
+    swept_hparam_arrays,
     traceable,
 )
 from jax_sae.training.loop import GroupRun, Member, TrainingError, mark_diverged
@@ -123,6 +124,7 @@ class Trainer:
         cache = open_cache(cfg, producer)
         if jax.process_count() == 1:
             return make_loader(cfg, cache)
+        assert self.mesh is not None  # __init__ makes one whenever there are several processes
         try:
             sharding = batch_sharding(self.mesh, cfg.batch_size)
         except ValueError as error:
@@ -132,6 +134,8 @@ class Trainer:
     def fit(self) -> list[FinishedRun]:
         """Train (or resume) and finish every run; one FinishedRun per run folder. With
         ``stream`` the extractor runs beside the training, and is stopped when it ends."""
+        assert self.config.cache is not None  # TrainConfig.checked requires it
+        runs.check_out_folder(self.config.default_out(), Path(self.config.cache))
         producer = start_producer(self._extract_args()) if self.config.stream else None
         try:
             if producer is not None:
@@ -144,13 +148,14 @@ class Trainer:
     def _extract_args(self) -> list[str]:
         cfg = self.config
         budget = [] if cfg.disk_budget is None else ["--disk-budget", cfg.disk_budget]
+        assert cfg.stream is not None and cfg.cache is not None  # only called to stream a cache
         return [*shlex.split(cfg.stream), "--out", cfg.cache, *budget]
 
     def _fit(self, loader: BatchSource) -> list[FinishedRun]:
         cfg = self.config
         if cfg.sweep:
             members = sweeps.expand(cfg, cfg.default_out())
-            resolved = [resolve_run(m.settings, loader, Path(m.settings.out)) for m in members]
+            resolved = [resolve_run(m.settings, loader, m.settings.default_out()) for m in members]
             resolved = [
                 replace(run, config=run.config.replace(sweep=sweep_entry(cfg, member)))
                 for member, run in zip(members, resolved, strict=True)
@@ -174,7 +179,7 @@ class Trainer:
         folders = [cfg.default_out()] if cfg.sweep else []
         with contextlib.ExitStack() as stack:
             for folder in [*folders, *(run.out for run in resolved)]:
-                primary_only(lambda folder=folder: stack.enter_context(locked(folder)))
+                primary_only(partial(enter_locked, stack, folder))
             quiet_disk_full_in_threads()
             try:
                 if cfg.sweep:
@@ -266,7 +271,7 @@ class Trainer:
             members = []
             for run in group:
                 config = run_dir_config(run.out, run.config, resume)
-                primary_only(lambda run=run, config=config: start_run_dir(run, config))
+                primary_only(partial(start_run_dir, run, config))
                 members.append(self._member(run, config, loader, stack))
             vmapped = bool(self.config.sweep)
             state, start = restore_or_init(members, sample, vmapped)
@@ -284,7 +289,7 @@ class Trainer:
                 raise ConfigError(f"--mesh {self.config.mesh}: {error}") from None
             state = engine.place(state)
             if len(members) > 1 and (reason := traceable(engine, state, first_batch(loader))):
-                names = ", ".join(differing_hparams([m.variant for m in members]))
+                names = ", ".join(swept_hparam_arrays([m.variant for m in members]))
                 if loader.single_pass:
                     raise ConfigError(
                         f"{names} cannot vary inside one vmapped step ({reason}), and a stream "
@@ -357,6 +362,11 @@ def announce(resolved: list[ResolvedRun]) -> None:
         )
 
 
+def enter_locked(stack: contextlib.ExitStack, folder: Path) -> None:
+    """Hold the folder's lock (``locked``) until ``stack`` closes."""
+    stack.enter_context(locked(folder))
+
+
 @contextlib.contextmanager
 def locked(folder: Path):
     """Hold the run folder's lock (one trainer per folder) while the block runs."""
@@ -393,7 +403,8 @@ def restore_or_init(
     config = members[0].config
     fresh = [initial_state(m.variant, m.config.seed, config.steps, sample) for m in members]
     latest = [m.checkpoints.latest_step() for m in members]
-    start = 0 if None in latest else min(latest)
+    saved = [step for step in latest if step is not None]
+    start = min(saved) if len(saved) == len(latest) else 0  # 0: some member has no checkpoint
     if start:
         fresh = [
             m.checkpoints.restore(start, like, m.config.accepted_hashes)[0]
@@ -450,7 +461,11 @@ def finish_member(
     it wrote, and raise when it raises)."""
     params, reg_state = host_value(state["params"]), host_value(state["reg_state"])
     finished = primary_only(lambda: write_outputs(member, params, reg_state, loader, rule))
-    return finished or FinishedRun(member.out, runs.read_status(member.out)["state"], None, None)
+    if finished is not None:
+        return finished
+    status = runs.read_status(member.out)
+    assert status is not None  # the primary wrote the final status before the others got here
+    return FinishedRun(member.out, status["state"], None, None)
 
 
 def write_outputs(
@@ -458,8 +473,9 @@ def write_outputs(
 ) -> FinishedRun:
     """Weights, export info, fast evaluation on the held-out tokens, final_info.json, plots,
     and the final status (diverged when the held-out explained variance says so)."""
-    out, variant = member.out, member.variant
-    record = member.record or member.log.read()[-1]  # a finished run resumed: its last interval
+    out, variant, log = member.out, member.variant, member.log
+    assert log is not None  # written by the primary process, the one that logs
+    record = member.record or log.read()[-1]  # a finished run resumed: its last interval
     config = member.config.replace(
         export_info=save_weights(out, variant, params, reg_state),
         export_form=variant.export_form(),
@@ -482,16 +498,14 @@ def write_outputs(
         variant=variant,
         params=params,
         state=reg_state,
-        records=member.log.read(),
+        records=log.read(),
         eval=results,
         heldout=lambda: loader.heldout(EVAL_BATCH),
         norm_scale=config.norm_scale,
         title=f"{member.name}: {variant.name}, layer {config.layer}, d_sae {variant.d_sae}",
     )
     plots.write_plots(view, out / "plots")
-    reason = rule.nonfinite_reason(fast_eval) or rule.eval_reason(
-        fast_eval, member.log.read()[0], record
-    )
+    reason = rule.nonfinite_reason(fast_eval) or rule.eval_reason(fast_eval, log.read()[0], record)
     if reason is None and (warning := rule.eval_warning(fast_eval)):
         print(f"warning: {member.name}: {warning}", file=sys.stderr)
     if reason is not None:

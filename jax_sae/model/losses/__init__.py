@@ -61,8 +61,9 @@ class LossTerm:
     """Coefficients whose default is calibrated at d_in 2304 and scales with d_in / 2304
     (`jax_sae.model.defaults`): on normalised inputs the reconstruction gradient the term competes
     with grows about linearly with d_in."""
-    HPARAMS: ClassVar[Mapping[str, Any]] = {}
-    HPARAM_DOCS: ClassVar[Mapping[str, str]] = {}
+    # Not ClassVars: a term whose names depend on its arguments sets them per instance (L1Penalty)
+    HPARAMS: Mapping[str, Any] = {}
+    HPARAM_DOCS: Mapping[str, str] = {}
     """One line per key of `HPARAMS`: what it does, in which unit (`variants.hparam_help`)."""
     CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     NULLABLE: ClassVar[frozenset[str]] = frozenset()

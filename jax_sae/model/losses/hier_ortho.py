@@ -297,6 +297,7 @@ class HierarchicalOrthogonality(LossTerm):
         if hp["ortho_target"] == "activations":
             ortho = activation_gram_sum(h, fire, source, **block_options) / n_latents**2
         else:
+            args: tuple[jax.Array, ...]  # the pair scheme's inputs; no gradient flows to them
             if hp["counts"] == "batch":
                 pre = lax.stop_gradient(ctx.fwd.pre)
                 active = lax.top_k(pre, hp["k"])[1]

@@ -15,6 +15,7 @@ CHOICES = {"recon": ("squared", "l2norm")}
 
 
 def reconstruction_loss(x: jax.Array, x_hat: jax.Array, kind: str) -> jax.Array:
+    """The batch's reconstruction loss of `kind` ("squared" or "l2norm", module docstring)."""
     squared_norm = jnp.sum(jnp.square(x - x_hat), axis=-1)
     if kind == "squared":
         return jnp.mean(squared_norm)

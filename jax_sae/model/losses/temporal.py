@@ -26,6 +26,8 @@ the two active sets; pairs where neither token has an active latent count as ide
 `temporal_both_active` (mean fraction of the F latents active on both tokens).
 """
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 
@@ -39,7 +41,8 @@ def predecessor_codes(ctx: LossContext) -> jax.Array:
     zero at sequence starts (whatever their `x_prev` rows hold)."""
     params = jax.lax.stop_gradient(ctx.params)
     x_prev = ctx.batch["x_prev"].astype(jnp.float32)
-    codes = ctx.model.apply({"params": params}, x_prev, method=ctx.model.encode)
+    # flax types apply's result as (output, variables) for the mutable case; not used here
+    codes = cast(jax.Array, ctx.model.apply({"params": params}, x_prev, method=ctx.model.encode))
     return jnp.where(ctx.batch["seq_start"][:, None], 0.0, codes)
 
 

@@ -13,6 +13,7 @@ State `concept_tokens_since_fired [F_c]`. Metrics: `aux_c`, `dead_frac_c`, `l0_c
 import jax
 import jax.numpy as jnp
 
+from jax_sae.model.architectures import TwoLevelForward
 from jax_sae.model.losses import LossContext, LossTerm, TermOutput
 from jax_sae.model.losses import dead as dead_tracking
 from jax_sae.model.losses.auxk import auxk_loss
@@ -31,13 +32,15 @@ class ConceptAuxK(LossTerm):
 
     def __call__(self, ctx: LossContext, state) -> TermOutput:
         hp = ctx.hparams
-        g = ctx.fwd.g
+        fwd = ctx.fwd
+        assert isinstance(fwd, TwoLevelForward), "aux_c needs the two_level architecture"
+        g = fwd.g
         counts, _ = dead_tracking.update(state[STATE_KEY], g)
         dead = dead_tracking.dead_mask(counts, hp["dead_tokens"])
         aux = auxk_loss(
             ctx.x,
-            ctx.fwd.x_hat,
-            ctx.fwd.pre_c,
+            fwd.x_hat,
+            fwd.pre_c,
             dead,
             ctx.params["W_dec_c"],
             min(hp["k_aux"], g.shape[-1]),
