@@ -70,7 +70,7 @@ test: setup setup-eval
 
 # the inner loop: everything but the slow, fault-injection and multi-process tests
 test-fast: setup setup-eval
-	$(PY) -m pytest -q -m "not slow and not faults and not multiprocess"
+	$(PY) -m pytest -q -n 2 -m "not slow and not faults and not multiprocess"
 
 lint: setup
 	$(PY) -m ruff check .

@@ -161,6 +161,7 @@ class GaussianSource:
         return None
 
 
+@pytest.mark.slow
 def test_a_source_made_on_the_fly_trains_through_the_trainer(tmp_path, monkeypatch):
     cfg = TrainConfig(
         cache="synthetic",

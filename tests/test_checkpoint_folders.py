@@ -36,6 +36,7 @@ def test_a_partial_step_folder_is_refused_and_kept(tmp_path):
     assert (folder / "10" / "state").read_bytes() == b"half"
 
 
+@pytest.mark.slow
 def test_train_resumes_past_an_empty_step_folder(tmp_path, capsys):
     cache = write_cache(tmp_path / "cache")
     out = tmp_path / "run"

@@ -109,6 +109,7 @@ def test_command_line_sweep_replaces_the_files_sweep(tmp_path):
     assert train.parse_command(["--config", str(file)]).train.sweep == ["lambda=0.1,0.2"]
 
 
+@pytest.mark.slow
 def test_command_line_set_overrides_the_files_hparams_key_by_key(cache, tmp_path):
     file = write(
         tmp_path,
@@ -139,6 +140,7 @@ def test_command_line_run_length_replaces_the_files(tmp_path):
     assert (command.train.steps, command.train.tokens) == (5, None)
 
 
+@pytest.mark.slow
 def test_config_with_tokens_trains_for_the_tokens(cache, tmp_path, capsys):
     file = write(
         tmp_path,
@@ -199,6 +201,7 @@ def test_expand_keeps_the_recorded_order_for_the_same_members(tmp_path):
         expand(sweep_config("lambda=0.1,0.3", "seed=0,1"), tmp_path)
 
 
+@pytest.mark.slow
 def test_resume_of_a_sweep_with_its_values_in_another_order(cache, tmp_path, capsys):
     out = tmp_path / "sweep"
     sets = ("d_sae=32", "warmup_steps=1")

@@ -477,6 +477,7 @@ def round_trips(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 @needs_eval_venv
 @pytest.mark.parametrize("name", ROUND_TRIPS)
 def test_saelens_export_matches_our_encode_decode(round_trips, name):

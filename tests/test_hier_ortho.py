@@ -175,6 +175,7 @@ def test_decoder_gradient_matches_numpy_and_skips_the_weights(competition):
         np.testing.assert_allclose(grad[key], 0.0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_activation_target_gradient_reaches_the_encoder():
     v, params, x = random_setup(ortho_target="activations")
     grad = penalty_grad(v, params, x, ortho_target="activations")
@@ -327,6 +328,7 @@ def test_bad_hyper_parameters():
         make_variant("hier_ortho", D, F, k=K, counts_decay=1.0)
 
 
+@pytest.mark.slow
 def test_training_beats_the_untrained_loss_and_lowers_the_overlap():
     """A short real run: the loss falls, and the penalised overlap of co-firing decoder rows falls
     below what the same run without the term ends with."""

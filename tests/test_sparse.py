@@ -157,6 +157,7 @@ def loss_and_grads(name, dense, compute_dtype=jnp.float32, seed=0):
     return loss, new_state, metrics, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_sparse_path_equals_dense_path(name, chunked):
     dense = loss_and_grads(name, dense=True)

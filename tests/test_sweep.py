@@ -51,6 +51,7 @@ def assert_close_weights(run: Path, reference: Path) -> None:
         np.testing.assert_allclose(actual[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_every_member_is_a_complete_run_folder_with_a_report(sweep):
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(MEMBERS)
     record = runs.read_json(sweep / SWEEP_FILE)
@@ -70,6 +71,7 @@ def test_every_member_is_a_complete_run_folder_with_a_report(sweep):
     assert not np.allclose(a, b) and not np.allclose(a, c)
 
 
+@pytest.mark.slow
 def test_a_member_equals_the_same_single_run(sweep, cache, tmp_path):
     single = tmp_path / "single"
     sets = ("d_sae=64", "warmup_steps=5", "lr=0.01", "lambda=0.03")
@@ -149,6 +151,7 @@ def test_bad_sweep_items_are_one_line(items, message):
         parse_sweep(items)
 
 
+@pytest.mark.slow
 def test_trainer_from_python_with_tensorboard_and_offline_wandb(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -175,6 +178,7 @@ def test_trainer_from_python_with_tensorboard_and_offline_wandb(cache, tmp_path,
     assert all("lr" in r and "grad_norm" in r for r in records)
 
 
+@pytest.mark.slow
 def test_resolved_config_file_repeats_the_run(sweep, cache, tmp_path):
     member = sweep / MEMBERS[3]
     settings = yaml.safe_load((member / RESOLVED_CONFIG).read_text())

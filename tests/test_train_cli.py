@@ -223,6 +223,7 @@ def test_batchtopk_exports_its_threshold_next_to_the_weights(cache, tmp_path):
     assert weights["threshold"].shape == (64,) and weights["threshold"].dtype == np.float32
 
 
+@pytest.mark.slow
 def test_temporal_run_on_the_extracted_tiny_model_cache(tiny_cache, tmp_path):
     """The real extractor's cache (sequence order, metadata) through the temporal variant."""
     out = tmp_path / "temporal"

@@ -254,6 +254,7 @@ def hierarchical_data(n: int, seed: int) -> np.ndarray:
     return (x / np.sqrt(D) + 0.2).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_trains_through_the_real_train_step():
     v = make_variant("two_level", D, F, F_c=F_C, k_c=2, k_b=8, lr=3e-3, warmup_steps=10)
     data = hierarchical_data(256 * 61, seed=13)
