@@ -65,12 +65,13 @@ $(VENV_EVAL)/.installed: requirements-eval.txt
 	$(PY_EVAL) -m pip uninstall -q -y torchvision
 	touch $@
 
+# two workers (pytest-xdist), one test file per worker at a time: module fixtures are built once
 test: setup setup-eval
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # the inner loop: everything but the slow, fault-injection and multi-process tests
 test-fast: setup setup-eval
-	$(PY) -m pytest -q -n 2 -m "not slow and not faults and not multiprocess"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not faults and not multiprocess"
 
 lint: setup
 	$(PY) -m ruff check .
@@ -120,7 +121,7 @@ demo: tiny-model setup-eval
 	$(PY) train.py $(DEMO_TRAIN) --variant freq --out runs/demo_freq
 	$(PY) train.py $(DEMO_TRAIN) --variant temporal --out runs/demo_temporal
 	$(PY) train.py $(DEMO_TRAIN) --variant standard --out $(DEMO_SWEEP) \
-		--sweep lambda=0.005,0.01,0.02,0.08,0.16
+		--sweep lambda=0.75,1.5,3,6,12
 	$(PY) export_to_torch.py runs/demo_topk --replace
 	$(PY_EVAL) -m saebench_eval.run runs/demo_topk --evals core --offline-model $(TINY) \
 		--core-reconstruction-batches 10 --core-sparsity-variance-batches 20

@@ -1,17 +1,21 @@
-"""Each research idea against its baseline, on the synthetic world built for it.
+"""The research ideas against baselines that learn, at a working point of worlds built for them.
 
     python benchmarks/synth_bench.py [--seeds 3] [--quick] [--out benchmarks/out/synth]
 
 Builds the `hierarchy`, `temporal` and `zipf` worlds (`synth.make_world`, in `.venv-eval`), trains
-every comparison below with `train.py` at the defaults (sizes adapt to the world's d), scores each
-run with `synth.evaluate` (SAELens's synthetic eval plus absorption, adjacent-token stability,
-firing-rate spread and co-firing decoder overlap on the held-out tokens), and writes
-`benchmarks/SYNTH.md` and `benchmarks/synth_pareto.png`.
+every arm below with `train.py`, scores each run with `synth.evaluate` (SAELens's synthetic eval
+plus the ground-truth metrics of `synth.metrics`) and writes `benchmarks/SYNTH.md` and
+`benchmarks/synth_pareto.png`. Every number in them comes from this script.
 
-Matched L0: TopK-family ideas are compared with `topk` at the same d_sae and k (L0 is k by
-construction); ReLU ideas with `standard` trained at 0.5x, 1x and 2x its default lambda, whose
-metric is interpolated (linearly in log L0) at the idea's L0, and reported only inside that
-range. Every run is a normal run folder: the bench resumes where it stopped.
+The working point lets every arm learn: the dictionary is as wide as the world has true features,
+and L0 sits at the world's true L0 (the mean number of active true features per token, read from
+its ground truth). TopK-family arms get k = round(true L0); ReLU arms train at their own default
+lambda, and `standard` also at 0.5x and 2x it, so that a ReLU idea is compared with `standard`
+interpolated (linearly in log L0) at the idea's L0 - only inside that grid. All arms of a study
+have the same width, so MCC and recovery are comparable; each is printed beside a random unit
+decoder's score (the chance line). A study whose baseline is within CHANCE_MARGIN of the chance
+MCC is not judged. Structure metrics are scored as the distance to the ground truth's own value.
+Every run is a normal run folder: the bench resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,46 +38,77 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
 
 import train  # noqa: E402
 from jax_sae.export.saelens import export_run  # noqa: E402
-from jax_sae.model.defaults import adapt_hparams  # noqa: E402
+from jax_sae.model.variants import make_variant  # noqa: E402
 
 EVAL_PYTHON = REPO / ".venv-eval" / "bin" / "python"
 RESULT_KEY = "synthetic evaluation results"
 LAMBDA_SCALES = (0.5, 1.0, 2.0)
+CHANCE_MARGIN = 0.1
+"""A baseline must beat the chance MCC by this much for its study to be judged."""
+CONCEPT_SHARE = 0.1
+"""two_level's share of k spent on concept latents (its defaults: k_c 32 of 320)."""
 
 
 @dataclass(frozen=True)
 class Metric:
-    key: str  # path in the synthetic results, "/"-separated
+    key: str  # "/"-separated path in the run's results ("l0", "ev" or the synthetic results)
     label: str
-    better: str  # "lower" or "higher"
+    better: str = ""  # "lower", "higher" or "" (not judged)
+    chance: str = ""  # path of the chance line's value, if any
+    truth: str = ""  # path of the ground truth's own value, if any
+
+
+L0 = Metric("l0", "L0")
+EV = Metric("ev", "EV (1-FVU)", "higher")
+MCC = Metric("feature_recovery/mcc/sae", "MCC", "higher", chance="feature_recovery/mcc/chance")
+RECOVERED = Metric(
+    "feature_recovery/recovered/sae", "recovered (|cos| > 0.9)", "higher",
+    chance="feature_recovery/recovered/chance",
+)  # fmt: skip
+ABSORPTION = Metric("absorption/rate", "absorption", "lower")
+CHILD_RECALL = Metric("absorption/child_recall", "child recall", "higher")
+SAEBENCH_ABSORPTION = Metric(
+    "absorption/saebench_full/rate", "absorption (SAEBench-style)", "lower"
+)
+OVERLAP = Metric(
+    "cofiring_decoder_cos/distance", "co-firing |cos|: distance to truth", "lower",
+    truth="cofiring_decoder_cos/ground_truth",
+)  # fmt: skip
+JACCARD = Metric(
+    "adjacent_jaccard/distance", "adjacent Jaccard: distance to truth", "lower",
+    truth="adjacent_jaccard/ground_truth",
+)  # fmt: skip
+SPREAD = Metric(
+    "firing_rate_spread/std_log10_rate/distance", "std log10 rate: distance to truth", "lower",
+    truth="firing_rate_spread/std_log10_rate/ground_truth",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
-class Comparison:
-    idea: str
-    baseline: str
+class Study:
+    name: str
     world: str
-    metric: Metric
-    extra: tuple[Metric, ...] = field(default=())
+    family: str  # "topk": every arm at k = true L0; "l1": lambda grid of `standard`
+    baselines: tuple[str, ...]
+    ideas: tuple[str, ...]
+    metric: Metric  # what the ideas exist to move
+    extra: tuple[Metric, ...]
 
 
-ABSORPTION = Metric("absorption/mean", "absorption rate", "lower")
-OVERLAP = Metric("cofiring_decoder_cos", "co-firing decoder |cos|", "lower")
-MCC = Metric("saelens/mcc", "MCC (feature recovery)", "higher")
-JACCARD = Metric("adjacent_jaccard/sae", "adjacent-token Jaccard", "higher")
-SPREAD = Metric("firing_rate_spread/sae/std_log10_rate", "std log10 firing rate", "lower")
-DOMINANT = Metric("firing_rate_spread/sae/frac_above_10x_median", "latents > 10x median", "lower")
-
-COMPARISONS = (
-    Comparison("hier_ortho", "topk", "hierarchy", ABSORPTION, (OVERLAP, MCC)),
-    Comparison("two_level", "topk", "hierarchy", ABSORPTION, (OVERLAP, MCC)),
-    Comparison("pair_ortho", "standard", "hierarchy", OVERLAP, (ABSORPTION, MCC)),
-    Comparison("temporal", "standard", "temporal", JACCARD, (MCC,)),
-    Comparison("freq", "standard", "zipf", SPREAD, (DOMINANT, MCC)),
-)
+STUDIES = (
+    Study("absorption", "hierarchy", "topk", ("topk", "batchtopk", "matryoshka"),
+          ("hier_ortho", "two_level"), ABSORPTION,
+          (CHILD_RECALL, SAEBENCH_ABSORPTION, OVERLAP, MCC, RECOVERED)),
+    Study("decoder overlap", "hierarchy", "l1", ("standard",), ("pair_ortho",), OVERLAP,
+          (ABSORPTION, CHILD_RECALL, MCC, RECOVERED)),
+    Study("token stability", "temporal", "l1", ("standard",), ("temporal",), JACCARD,
+          (MCC, RECOVERED)),
+    Study("firing-rate spread", "zipf", "l1", ("standard",), ("freq",), SPREAD, (MCC, RECOVERED)),
+)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=16384, help="SAELens synthetic-eval samples")
     p.add_argument("--quick", action="store_true", help="1 seed, 1/4 of the tokens: smoke run")
     p.add_argument("--report", type=Path, default=REPO / "benchmarks" / "SYNTH.md")
+    p.add_argument("--study", action="append", choices=[s.name for s in STUDIES],
+                   help="run only this study (repeatable; default: all)")  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.tokens, args.epochs = 1, args.tokens // 4, 1
@@ -110,6 +147,12 @@ def build_world(world: str, args: argparse.Namespace) -> Path:
     return out
 
 
+def true_l0(world_dir: Path) -> float:
+    """Mean number of active true features per held-out token of the world."""
+    indptr = load_file(world_dir / "ground_truth.safetensors")["heldout_indptr"]
+    return float(np.mean(np.diff(indptr)))
+
+
 @dataclass(frozen=True)
 class Run:
     world: str
@@ -123,25 +166,37 @@ class Run:
         return f"{self.world}/{self.variant}{'_' + tag if tag else ''}_s{self.seed}"
 
 
-def runs_of(comparison: Comparison, args: argparse.Namespace) -> dict:
-    """{"idea": [...], "baseline": [...], "matched": [...]} runs of one comparison."""
-    seeds = range(args.seeds)
-    idea = [Run(comparison.world, comparison.idea, s) for s in seeds]
-    base = [Run(comparison.world, comparison.baseline, s) for s in seeds]
-    if comparison.baseline == "topk":
-        steps = args.tokens // 2048
-        sizes = adapt_hparams(comparison.idea, args.d_model, steps=steps, batch_size=2048,
-                              overrides={})  # fmt: skip
-        k = sizes.overrides.get("k") or sizes.overrides["k_b"] + sizes.overrides["k_c"]
-        sets = (("d_sae", sizes.d_sae), ("k", k))
-        matched = [Run(comparison.world, "topk", s, sets) for s in seeds]
-    else:
-        matched = [
-            Run(comparison.world, "standard", s, (("lambda", round(0.04 * scale, 4)),))
-            for s in seeds
-            for scale in LAMBDA_SCALES
-        ]
-    return {"idea": idea, "baseline": base, "matched": matched}
+def sparsity_sets(variant: str, k: int) -> tuple[tuple[str, object], ...]:
+    """The settings that put a TopK-family variant at L0 k."""
+    if variant == "two_level":
+        k_c = max(1, round(CONCEPT_SHARE * k))
+        return (("k_c", k_c), ("k_b", k - k_c))
+    return (("k", k),)
+
+
+def default_lambda(variant: str, d: int, width: int) -> tuple[str, float]:
+    """The variant's L1 coefficient: its name and default."""
+    hparams = make_variant(variant, d, width).hparams
+    name = "lambda_1" if "lambda_1" in hparams else "lambda"
+    return name, float(hparams[name])
+
+
+def arms_of(study: Study, k: int, args: argparse.Namespace) -> dict[str, list[Run]]:
+    """{arm label: runs over seeds}; ReLU baselines also at LAMBDA_SCALES of their default."""
+    seeds, arms = range(args.seeds), {}
+    for variant in (*study.baselines, *study.ideas):
+        if study.family == "topk":
+            arms[variant] = [Run(study.world, variant, s, sparsity_sets(variant, k)) for s in seeds]
+        elif variant in study.ideas:
+            arms[variant] = [Run(study.world, variant, s) for s in seeds]
+        else:
+            name, value = default_lambda(variant, args.d_model, args.features)
+            for scale in LAMBDA_SCALES:
+                sets = () if scale == 1.0 else ((name, round(value * scale, 6)),)
+                arms[f"{variant} {scale:g}x lambda"] = [
+                    Run(study.world, variant, s, sets) for s in seeds
+                ]
+    return arms
 
 
 def train_run(run: Run, world_dir: Path, args: argparse.Namespace) -> Path:
@@ -149,8 +204,8 @@ def train_run(run: Run, world_dir: Path, args: argparse.Namespace) -> Path:
     if (folder / "final_info.json").exists():
         return folder
     argv = ["--cache", str(world_dir), "--layer", "0", "--variant", run.variant, "--out",
-            str(folder), "--seed", str(run.seed), "--resume", "--log-every", "64",
-            "--tokens", str(args.epochs * args.tokens)]  # fmt: skip
+            str(folder), "--seed", str(run.seed), "--resume", "--log-every", "64", "--set",
+            f"d_sae={args.features}", "--tokens", str(args.epochs * args.tokens)]  # fmt: skip
     for key, value in run.sets:
         argv += ["--set", f"{key}={value}"]
     if train.main(argv) != 0:
@@ -169,8 +224,13 @@ for run in sys.argv[2:]:
 """
 
 
+def scored(folder: Path) -> bool:
+    """Whether the run has results of the current metrics (feature_recovery is their mark)."""
+    return "feature_recovery" in read_info(folder).get(RESULT_KEY, {})
+
+
 def score(folders: list[Path], samples: int) -> None:
-    todo = [f for f in folders if RESULT_KEY not in json.dumps(read_info(f))]
+    todo = [f for f in folders if not scored(f)]
     for folder in todo:
         export_run(folder, force=True)
     if todo:
@@ -191,11 +251,16 @@ def lookup(tree: dict, path: str) -> float | None:
     return float(tree)
 
 
-def run_metrics(folder: Path, metrics: tuple[Metric, ...]) -> dict[str, float | None]:
+def run_values(folder: Path, metrics: tuple[Metric, ...]) -> dict[str, float | None]:
+    """Every value the report needs from one run: the metrics, their chance lines and truths."""
     info = read_info(folder)
     fast, synthetic = info["fast evaluation results"], info[RESULT_KEY]
-    values = {"l0": fast["l0"], "ev": fast["explained_variance_pooled"]}
-    return values | {m.key: lookup(synthetic, m.key) for m in metrics}
+    values: dict[str, float | None] = {"l0": fast["l0"], "ev": fast["explained_variance_pooled"]}
+    for m in metrics:
+        for path in (m.key, m.chance, m.truth):
+            if path and path not in values:
+                values[path] = lookup(synthetic, path)
+    return values
 
 
 def mean_std(values: list[float | None]) -> tuple[float, float] | None:
@@ -204,18 +269,19 @@ def mean_std(values: list[float | None]) -> tuple[float, float] | None:
 
 
 def fmt(stat: tuple[float, float] | None) -> str:
-    return "n/a" if stat is None else f"{stat[0]:.4g} ± {stat[1]:.2g}"
+    return "n/a" if stat is None else f"{stat[0]:.3g} ± {stat[1]:.1g}"
 
 
-def interpolate_at(l0: float, grid: list[dict], key: str) -> float | None:
-    """The baseline grid's seed-mean `key` at L0 `l0`, linear in log L0; None outside it."""
-    by_lambda: dict[float, list[dict]] = {}
-    for row in grid:
-        by_lambda.setdefault(row["lambda"], []).append(row)
+def arm_stat(rows: list[dict], key: str) -> tuple[float, float] | None:
+    return mean_std([r[key] for r in rows])
+
+
+def interpolate_at(l0: float, grid: list[list[dict]], key: str) -> float | None:
+    """The lambda grid's seed-mean `key` at L0 `l0`, linear in log L0; None outside the grid."""
     points = sorted(
         (np.log(np.mean([r["l0"] for r in rows])), np.mean([r[key] for r in rows]))
-        for rows in by_lambda.values()
-        if all(r[key] is not None for r in rows)
+        for rows in grid
+        if rows and all(r[key] is not None for r in rows)
     )
     if len(points) < 2 or not points[0][0] <= np.log(l0) <= points[-1][0]:
         return None
@@ -223,89 +289,109 @@ def interpolate_at(l0: float, grid: list[dict], key: str) -> float | None:
     return float(np.interp(np.log(l0), xs, ys))
 
 
-def verdict(idea: float | None, base: float | None, metric: Metric) -> str:
+def baseline_arms(study: Study, rows: dict[str, list[dict]]) -> dict[str, list[list[dict]]]:
+    """{baseline variant: its arms' rows} - one arm for TopK-family baselines, the grid for ReLU."""
+    return {
+        b: [r for label, r in rows.items() if label == b or label.startswith(f"{b} ")]
+        for b in study.baselines
+    }
+
+
+def baseline_value(study: Study, grid: list[list[dict]], key: str, idea_l0: float) -> float | None:
+    """The baseline's seed mean of `key`: the single arm (TopK family, same k) or the lambda grid
+    interpolated at the idea's L0 (ReLU)."""
+    if study.family == "topk":
+        stat = arm_stat(grid[0], key)
+        return stat[0] if stat else None
+    return interpolate_at(idea_l0, grid, key)
+
+
+def learns(grid: list[list[dict]]) -> bool:
+    """Whether a baseline beats the chance MCC by CHANCE_MARGIN in every arm."""
+    for rows in grid:
+        mcc, chance = arm_stat(rows, MCC.key), arm_stat(rows, MCC.chance)
+        if mcc is None or chance is None or mcc[0] - chance[0] < CHANCE_MARGIN:
+            return False
+    return True
+
+
+def change(idea: tuple[float, float] | None, base: float | None, spread: float, m: Metric) -> str:
+    """The idea's difference to the baseline, judged against twice the seeds' spread."""
     if idea is None or base is None:
         return "n/a"
-    if idea == base:
-        return "same"
-    better = idea < base if metric.better == "lower" else idea > base
-    change = f" ({(idea - base) / abs(base):+.0%})" if base else ""
-    return f"{'better' if better else 'worse'}{change}"
+    delta = idea[0] - base
+    if abs(delta) <= 2 * spread:
+        return f"{delta:+.3g} (within seed spread)"
+    better = delta < 0 if m.better == "lower" else delta > 0
+    return f"{delta:+.3g} ({'better' if better else 'worse'})"
 
 
-def compare(comparison: Comparison, folders: dict[str, list[tuple[Run, Path]]]) -> dict:
-    metrics = (comparison.metric, *comparison.extra)
-    rows = {
-        group: [run_metrics(folder, metrics) | {"lambda": dict(run.sets).get("lambda")}
-                for run, folder in items]
-        for group, items in folders.items()
-    }  # fmt: skip
-    return {"comparison": comparison, "rows": rows, "metrics": metrics}
-
-
-L0_ROW = Metric("l0", "L0", "")
-EV_ROW = Metric("ev", "EV (1-FVU)", "higher")
-
-
-def matched_baseline(result: dict, key: str, idea_l0: float | None) -> float | None:
-    """The baseline's value at the idea's L0 (see the module docstring)."""
-    c, rows = result["comparison"], result["rows"]
-    if c.baseline == "topk":
-        matched = mean_std([r[key] for r in rows["matched"]])
-        return matched[0] if matched else None
-    return None if idea_l0 is None else interpolate_at(idea_l0, rows["matched"], key)
-
-
-def table(results: list[dict]) -> str:
-    lines = [
-        "| idea vs baseline (world) | metric | idea (defaults) | baseline (defaults) | "
-        "baseline at matched L0 | idea vs matched |",
-        "|---|---|---|---|---|---|",
-    ]
-    for result in results:
-        c, rows = result["comparison"], result["rows"]
-        idea_l0 = mean_std([r["l0"] for r in rows["idea"]])
-        for metric in (L0_ROW, EV_ROW, *result["metrics"]):
-            idea = mean_std([r[metric.key] for r in rows["idea"]])
-            base = mean_std([r[metric.key] for r in rows["baseline"]])
-            matched = matched_baseline(result, metric.key, idea_l0[0] if idea_l0 else None)
-            judged = verdict(idea[0] if idea else None, matched, metric) if metric.better else ""
-            bold = "**" if metric is c.metric else ""
-            lines.append(
-                f"| {c.idea} vs {c.baseline} ({c.world}) | {bold}{metric.label}{bold} | "
-                f"{fmt(idea)} | {fmt(base)} | "
-                f"{'n/a (outside grid)' if matched is None else f'{matched:.4g}'} | {judged} |"
+def study_table(study: Study, rows: dict[str, list[dict]]) -> str:
+    metrics = (L0, EV, study.metric, *study.extra)
+    anchors, first = [], next(iter(rows.values()))
+    for m in metrics:
+        if m.chance:
+            anchors.append(f"{m.label} chance {fmt(arm_stat(first, m.chance))}")
+        if m.truth:
+            anchors.append(
+                f"{m.truth.split('/')[0]} of the ground truth {fmt(arm_stat(first, m.truth))}"
             )
-    return "\n".join(lines)
+    head = "| arm | " + " | ".join(
+        f"**{m.label}**" if m is study.metric else m.label for m in metrics
+    )
+    lines = [head + " |", "|---" * (len(metrics) + 1) + "|"]
+    for label, arm_rows in rows.items():
+        cells = " | ".join(fmt(arm_stat(arm_rows, m.key)) for m in metrics)
+        lines.append(f"| {label} | {cells} |")
+    return "\n".join(lines) + "\n\nAnchors: " + "; ".join(anchors) + ".\n"
 
 
-def pareto_plot(results: list[dict], path: Path) -> None:
-    """One row per comparison: EV vs L0 and the idea's metric vs L0, every run a point, the
-    baseline grid's seed means joined as its frontier."""
-    fig, axes = plt.subplots(len(results), 2, figsize=(11, 3.2 * len(results)), squeeze=False)
-    for row, result in zip(axes, results, strict=True):
-        c, rows = result["comparison"], result["rows"]
-        panels = (("ev", "explained variance (1-FVU)"), (c.metric.key, c.metric.label))
-        for ax, (key, label) in zip(row, panels, strict=True):
-            for group, style in (("matched", "o"), ("baseline", "s"), ("idea", "*")):
-                points = [(r["l0"], r[key]) for r in rows[group] if r[key] is not None]
-                if not points:
-                    continue
-                name = c.idea if group == "idea" else f"{c.baseline} ({group})"
-                ax.scatter(*zip(*points, strict=True), marker=style, s=60 if style == "*" else 25,
-                           label=name, alpha=0.8)  # fmt: skip
-            frontier = sorted(
-                (np.mean([r["l0"] for r in rows["matched"] if r["lambda"] == lam]),
-                 np.mean([r[key] for r in rows["matched"] if r["lambda"] == lam]))
-                for lam in {r["lambda"] for r in rows["matched"]}
-                if all(r[key] is not None for r in rows["matched"] if r["lambda"] == lam)
-            )  # fmt: skip
-            if len(frontier) > 1:
-                ax.plot(
-                    *zip(*frontier, strict=True), "--", color="gray", label=f"{c.baseline} frontier"
-                )
-            ax.set(xscale="log", xlabel="L0 (active latents per token)", ylabel=label,
-                   title=f"{c.idea} vs {c.baseline}, {c.world} world")  # fmt: skip
+def verdicts(study: Study, rows: dict[str, list[dict]]) -> list[str]:
+    """One line per idea and baseline: the change of each judged metric."""
+    judged = tuple(m for m in (study.metric, *study.extra, EV) if m.better)
+    out = []
+    for baseline, grid in baseline_arms(study, rows).items():
+        if not learns(grid):
+            out.append(
+                f"* vs `{baseline}`: not judged - `{baseline}` is within {CHANCE_MARGIN} of the "
+                "chance MCC (a baseline that learns nothing proves nothing)."
+            )
+            continue
+        for idea in study.ideas:
+            idea_l0 = arm_stat(rows[idea], "l0")
+            assert idea_l0 is not None
+            parts = []
+            for m in judged:
+                base = baseline_value(study, grid, m.key, idea_l0[0])
+                stat = arm_stat(rows[idea], m.key)
+                spread = max([s[1] for s in (stat, *(arm_stat(g, m.key) for g in grid)) if s])
+                parts.append(f"{m.label} {change(stat, base, spread, m)}")
+            where = "same k" if study.family == "topk" else f"interpolated at L0 {idea_l0[0]:.3g}"
+            out.append(f"* `{idea}` vs `{baseline}` ({where}): " + "; ".join(parts))
+    return out
+
+
+def pareto_plot(results: list[tuple[Study, dict[str, list[dict]]]], path: Path) -> None:
+    """One row per study: the idea's metric and MCC against L0, every run a point, the chance
+    MCC and the ground truth's value as lines."""
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 3.4 * len(results)), squeeze=False)
+    for row, (study, rows) in zip(axes, results, strict=True):
+        raw = study.metric.truth.rsplit("/", 1)[0] + "/sae" if study.metric.truth else ""
+        shown = Metric(raw, study.metric.label.split(":")[0], truth=study.metric.truth)
+        panels = (shown if raw else study.metric, MCC)
+        for ax, m in zip(row, panels, strict=True):
+            for i, (label, arm_rows) in enumerate(rows.items()):
+                points = [(r["l0"], r[m.key]) for r in arm_rows if r.get(m.key) is not None]
+                if points:
+                    ax.scatter(*zip(*points, strict=True), marker="os^Dv*P"[i % 7], s=30,
+                               label=label, alpha=0.8)  # fmt: skip
+            first = next(iter(rows.values()))
+            for line, name in ((m.chance, "random decoder (chance)"), (m.truth, "ground truth")):
+                value = arm_stat(first, line) if line else None
+                if value:
+                    ax.axhline(value[0], ls="--", color="gray", lw=1, label=name)
+            ax.set(xscale="log", xlabel="L0 (active latents per token)", ylabel=m.label,
+                   title=f"{study.name}: {study.world} world")  # fmt: skip
             ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
             ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
             ax.grid(alpha=0.3)
@@ -319,35 +405,56 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not EVAL_PYTHON.exists():
         raise SystemExit("error: .venv-eval is missing; run `make setup-eval` first")
-    worlds = {c.world: build_world(c.world, args) for c in COMPARISONS}
-    plans = {c: runs_of(c, args) for c in COMPARISONS}
+    studies = [s for s in STUDIES if not args.study or s.name in args.study]
+    worlds = {s.world: build_world(s.world, args) for s in studies}
+    true_l0s = {w: true_l0(d) for w, d in worlds.items()}
+    plans = {s: arms_of(s, max(1, round(true_l0s[s.world])), args) for s in studies}
     folders = {
-        c: {group: [(run, train_run(run, worlds[c.world], args)) for run in runs]
-            for group, runs in plan.items()}
-        for c, plan in plans.items()
+        s: {label: [train_run(r, worlds[s.world], args) for r in runs]
+            for label, runs in arms.items()}
+        for s, arms in plans.items()
     }  # fmt: skip
-    score(sorted({f for groups in folders.values() for items in groups.values()
-                  for _, f in items}), args.samples)  # fmt: skip
-    results = [compare(c, folders[c]) for c in COMPARISONS]
+    every_run = {f for arms in folders.values() for fs in arms.values() for f in fs}
+    score(sorted(every_run), args.samples)
+    results = [
+        (s, {label: [run_values(f, (s.metric, *s.extra, MCC)) for f in fs]
+             for label, fs in arms.items()})
+        for s, arms in folders.items()
+    ]  # fmt: skip
     plot = args.report.with_name("synth_pareto.png")
     pareto_plot(results, plot)
-    args.report.write_text(report(args, results, plot))
+    args.report.write_text(report(args, results, true_l0s, plot))
     print(args.report.read_text())
     return 0
 
 
-def report(args: argparse.Namespace, results: list[dict], plot: Path) -> str:
+def report(args: argparse.Namespace, results: list, true_l0s: dict[str, float], plot: Path) -> str:
     command = "python benchmarks/synth_bench.py" + (" --quick" if args.quick else "")
+    command += "".join(f" --study '{name}'" for name in args.study or ())
+    worlds = ", ".join(f"{w} {v:.2f}" for w, v in true_l0s.items())
+    sections = []
+    for study, rows in results:
+        k = max(1, round(true_l0s[study.world]))
+        point = f"k {k}" if study.family == "topk" else "ReLU arms at their default lambda"
+        sections.append(
+            f"## {study.name} ({study.world} world, width {args.features}, {point})\n\n"
+            + study_table(study, rows)
+            + "\n"
+            + "\n".join(verdicts(study, rows))
+        )
     return f"""# Research ideas on ground-truth worlds (`make synth-bench`)
 
-Command: `{command}` (seeds {args.seeds}; worlds d {args.d_model}, {args.features} features,
-{args.tokens} tokens, {args.epochs} epochs; every variant at its defaults, sizes adapted to d).
-Values are mean ± std over seeds. Bold: the metric the idea exists to move. "matched L0": `topk`
-at the idea's d_sae and k, or `standard`'s lambda grid interpolated at the idea's L0.
+Command: `{command}` (seeds {args.seeds}; worlds d {args.d_model}, {args.features} true features,
+{args.tokens} tokens, {args.epochs} epochs). Working point: every dictionary {args.features} wide
+(the number of true features); true L0 per world: {worlds}. Values are mean ± std over seeds; a
+change counts only beyond twice the larger seed spread. MCC and recovery are compared only within a
+study (equal width), beside a random unit decoder's score; structure metrics are the distance to
+the ground truth's own value (lower is better). "absorption": among child tokens where the child's
+latent fires, the fraction where the parent's latent is silent (read it with child recall).
 
-{table(results)}
+{chr(10).join(sections)}
 
-![Pareto]({plot.name})
+![MCC and each idea's metric against L0]({plot.name})
 """
 
 

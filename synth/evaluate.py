@@ -9,8 +9,12 @@ cache (`cache` in its config.json) unless --world names it. Two parts:
 * SAELens's `eval_sae_on_synthetic_data` on fresh samples of the world's generator (MCC,
   uniqueness, per-latent classification, L0, dead latents, shrinkage, explained variance);
 * `synth.metrics` on the held-out tail of the cache, whose true codes `ground_truth.safetensors`
-  stores: absorption on planted hierarchies, adjacent-token Jaccard (SAE and truth), firing-rate
-  spread (SAE and truth), and per-true-feature detection.
+  stores: absorption on planted hierarchies (with child recall and precision, and SAEBench's
+  full-absorption rate), per-true-feature detection, and the structure metrics (adjacent-token
+  Jaccard, co-firing decoder |cos|, firing-rate spread) beside the true features' own values;
+* feature recovery (MCC, fraction of true features with a decoder row at |cos| > 0.9) beside the
+  score of a random unit decoder of the same width: the chance line, meaningful only between
+  SAEs of equal width.
 
 Results merge into `RUN_DIR/final_info.json` under "synthetic evaluation results" inside the
 "training results for layer L" entry, keeping every other key.
@@ -36,6 +40,8 @@ RESULT_KEY = "synthetic evaluation results"
 EXPORT_DIR = "saelens"
 ENCODE_BATCH = 4096
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CHANCE_SEED = 0  # the random unit decoder of the chance line
+RECOVERY_COS = 0.9  # a true feature is recovered when some decoder row has |cos| above this
 
 
 class SynthEvalError(ValueError):
@@ -82,16 +88,63 @@ def read_ground_truth(world: Path) -> dict[str, np.ndarray]:
     return load_file(world / GROUND_TRUTH)
 
 
-def sae_firing(sae: Any, acts: np.ndarray) -> sp.csr_matrix:
-    """Boolean CSR of which SAE latents fire on each row of `acts` (raw activations)."""
+def sae_codes(sae: Any, acts: np.ndarray) -> sp.csr_matrix:
+    """The SAE's latent activations [tokens, latents] on the rows of `acts` (raw activations)."""
     import torch
 
     parts = []
     with torch.no_grad():
         for start in range(0, len(acts), ENCODE_BATCH):
             x = torch.from_numpy(acts[start : start + ENCODE_BATCH]).to(sae.W_dec.device)
-            parts.append(sp.csr_matrix((sae.encode(x) != 0).cpu().numpy()))
+            parts.append(sp.csr_matrix(sae.encode(x).float().cpu().numpy()))
     return sp.vstack(parts, format="csr")
+
+
+def absorption_metrics(
+    true_codes: sp.csr_matrix,
+    codes: sp.csr_matrix,
+    decoder: np.ndarray,
+    truth: dict[str, np.ndarray],
+    latent_of: np.ndarray,
+) -> dict:
+    """Absorption where the child is detected, with the child detection it was measured on, and
+    SAEBench's full-absorption rate (see `synth.metrics`)."""
+    pairs = metrics.absorption(
+        metrics.firing(true_codes), metrics.firing(codes), truth["parent"], latent_of
+    )
+    keys = ("rate", "child_recall", "child_precision", "n_pairs", "n_undetected")
+    saebench = metrics.saebench_absorption(
+        true_codes, codes, decoder, truth["feature_vectors"], truth["parent"], latent_of
+    )
+    return {key: pairs[key] for key in keys} | {"saebench_full": saebench}
+
+
+def structure_metrics(
+    true_fires: sp.csr_matrix,
+    sae_fires: sp.csr_matrix,
+    decoder: np.ndarray,
+    true_directions: np.ndarray,
+    positions: np.ndarray,
+) -> dict:
+    """Each structure metric as {"sae", "ground_truth", "distance"}: the distance is scored."""
+    sae, true = (metrics.firing_rate_spread(f) for f in (sae_fires, true_fires))
+    return {
+        "adjacent_jaccard": metrics.anchored(
+            metrics.adjacent_jaccard(sae_fires, positions),
+            metrics.adjacent_jaccard(true_fires, positions),
+        ),
+        "cofiring_decoder_cos": metrics.anchored(
+            metrics.cofiring_decoder_cos(sae_fires, decoder),
+            metrics.cofiring_decoder_cos(true_fires, true_directions),
+        ),
+        "firing_rate_spread": {
+            "std_log10_rate": metrics.anchored(sae["std_log10_rate"], true["std_log10_rate"]),
+            "frac_above_10x_median": metrics.anchored(
+                sae["frac_above_10x_median"], true["frac_above_10x_median"]
+            ),
+            "n_live": {"sae": sae["n_live"], "ground_truth": true["n_live"]},
+        },
+    }
 
 
 def heldout_metrics(sae: Any, world: Path, truth: dict[str, np.ndarray]) -> dict:
@@ -103,28 +156,45 @@ def heldout_metrics(sae: Any, world: Path, truth: dict[str, np.ndarray]) -> dict
     true_codes = metrics.heldout_codes(truth)
     end = offset + true_codes.shape[0]
     true_fires = metrics.firing(true_codes)
-    sae_fires = sae_firing(sae, cache.acts(cache.layers[0])[offset:end])
-    positions = cache.positions()[offset:end]
-    latent_of = metrics.best_latents(
-        sae.W_dec.detach().cpu().float().numpy(), truth["feature_vectors"]
-    )
+    codes = sae_codes(sae, cache.acts(cache.layers[0])[offset:end])
+    sae_fires = metrics.firing(codes)
+    decoder = sae.W_dec.detach().cpu().float().numpy()
+    latent_of = metrics.best_latents(decoder, truth["feature_vectors"])
     result: dict[str, Any] = {"heldout_tokens": int(end - offset), "heldout_offset": offset}
     if "parent" in truth:
-        pairs = metrics.absorption(true_fires, sae_fires, truth["parent"], latent_of)
-        result["absorption"] = {"mean": pairs["mean"], "n_pairs": pairs["n_pairs"]}
-    result["adjacent_jaccard"] = {
-        "sae": metrics.adjacent_jaccard(sae_fires, positions),
-        "ground_truth": metrics.adjacent_jaccard(true_fires, positions),
-    }
-    result["firing_rate_spread"] = {
-        "sae": metrics.firing_rate_spread(sae_fires),
-        "ground_truth": metrics.firing_rate_spread(true_fires),
-    }
+        result["absorption"] = absorption_metrics(true_codes, codes, decoder, truth, latent_of)
     result["true_feature_detection"] = metrics.detection(true_fires, sae_fires, latent_of)
-    result["cofiring_decoder_cos"] = metrics.cofiring_decoder_cos(
-        sae_fires, sae.W_dec.detach().cpu().float().numpy()
+    positions = cache.positions()[offset:end]
+    return result | structure_metrics(
+        true_fires, sae_fires, decoder, truth["feature_vectors"], positions
     )
-    return result
+
+
+def feature_recovery(decoder: np.ndarray, true_directions: np.ndarray, sae_mcc: float) -> dict:
+    """MCC and the fraction of true features recovered at |cos| > RECOVERY_COS, each beside its
+    chance line: the same function on `metrics.random_unit_decoder` of the SAE's width and d (seed
+    CHANCE_SEED). MCC is decoder-only (Hungarian matching of |cos|), so no sampling is needed; the
+    chance line grows with width, so `width` is recorded for comparisons to refuse unequal ones."""
+    import torch
+    from sae_lens.synthetic import mean_correlation_coefficient
+
+    width, d = decoder.shape
+    chance = metrics.random_unit_decoder(width, d, seed=CHANCE_SEED)
+    chance_mcc = mean_correlation_coefficient(
+        torch.from_numpy(chance).float(), torch.from_numpy(true_directions).float()
+    )
+    return {
+        "width": int(width),
+        "d": int(d),
+        "n_true_features": int(len(true_directions)),
+        "mcc": {"sae": sae_mcc, "chance": chance_mcc},
+        "recovered": {
+            "sae": metrics.recovered_fraction(decoder, true_directions, RECOVERY_COS),
+            "chance": metrics.recovered_fraction(chance, true_directions, RECOVERY_COS),
+        },
+        "recovery_cos": RECOVERY_COS,
+        "chance_seed": CHANCE_SEED,
+    }
 
 
 def saelens_metrics(sae: Any, world: Path, samples: int, seed: int) -> dict:
@@ -166,10 +236,13 @@ def evaluate_run(run_dir: Path, world: Path | None, samples: int, device: str) -
             "pass the world it was trained on with --world"
         )
     manifest = json.loads((world / "manifest.json").read_text())
+    saelens = saelens_metrics(sae, world, samples, seed=0)
+    decoder = sae.W_dec.detach().cpu().float().numpy()
     result = {
         "world": manifest.get("model_name", "").removeprefix(MODEL_PREFIX),
         "world_path": os.path.relpath(world.resolve(), run_dir.resolve()),
-        "saelens": saelens_metrics(sae, world, samples, seed=0),
+        "saelens": saelens,
+        "feature_recovery": feature_recovery(decoder, truth["feature_vectors"], saelens["mcc"]),
         **heldout_metrics(sae, world, truth),
     }
     layer = json.loads((run_dir / "config.json").read_text()).get("layer", 0)
@@ -182,24 +255,38 @@ def _fmt(value: float | None) -> str:
 
 
 def summary(result: dict) -> str:
-    """One line per headline number."""
-    s = result["saelens"]
+    """One line per headline number; structure metrics as SAE / truth / distance."""
+    s, r = result["saelens"], result["feature_recovery"]
     lines = [
-        f"world {result['world']}: MCC {s['mcc']:.3f}  uniqueness {s['uniqueness']:.3f}  "
-        f"L0 {s['sae_l0']:.1f} (true {s['true_l0']:.1f})  dead {s['dead_latents']}  "
-        f"expl. var. {s['explained_variance']:.3f}  shrinkage {s['shrinkage']:.3f}",
+        f"world {result['world']}: width {r['width']}, d {r['d']}, {r['n_true_features']} true "
+        f"features; MCC {_fmt(r['mcc']['sae'])} (chance {_fmt(r['mcc']['chance'])}), recovered "
+        f"at |cos| > {r['recovery_cos']} {_fmt(r['recovered']['sae'])} (chance "
+        f"{_fmt(r['recovered']['chance'])}); compare only at equal width",
+        f"uniqueness {s['uniqueness']:.3f}  L0 {s['sae_l0']:.1f} (true {s['true_l0']:.1f})  "
+        f"dead {s['dead_latents']}  expl. var. {s['explained_variance']:.3f}  "
+        f"shrinkage {s['shrinkage']:.3f}",
         f"per-latent classification F1 {s['classification']['f1_score']:.3f}; per true feature "
         f"F1 {_fmt(result['true_feature_detection']['f1'])}",
     ]
     if "absorption" in result:
-        a = result["absorption"]
-        lines.append(f"absorption {_fmt(a['mean'])} over {a['n_pairs']} parent-child pairs")
-    j, r = result["adjacent_jaccard"], result["firing_rate_spread"]
-    lines.append(f"adjacent-token Jaccard: SAE {_fmt(j['sae'])}, truth {_fmt(j['ground_truth'])}")
-    lines.append(
-        f"std log10 firing rate: SAE {_fmt(r['sae']['std_log10_rate'])}, "
-        f"truth {_fmt(r['ground_truth']['std_log10_rate'])}"
-    )
+        a, b = result["absorption"], result["absorption"]["saebench_full"]
+        lines += [
+            f"absorption {_fmt(a['rate'])} where the child is detected, over "
+            f"{a['n_pairs'] - a['n_undetected']} of {a['n_pairs']} pairs ({a['n_undetected']} "
+            f"never detected, left out); child recall {_fmt(a['child_recall'])}, precision "
+            f"{_fmt(a['child_precision'])}",
+            f"SAEBench-style full absorption {_fmt(b['rate'])} over {b['n_parents']} parents",
+        ]
+    spread = result["firing_rate_spread"]
+    for label, m in (
+        ("adjacent-token Jaccard", result["adjacent_jaccard"]),
+        ("co-firing decoder |cos|", result["cofiring_decoder_cos"]),
+        ("std log10 firing rate", spread["std_log10_rate"]),
+    ):
+        lines.append(
+            f"{label}: SAE {_fmt(m['sae'])}, truth {_fmt(m['ground_truth'])}, "
+            f"distance {_fmt(m['distance'])}"
+        )
     return "\n".join(lines)
 
 

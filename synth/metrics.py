@@ -1,8 +1,11 @@
 """Ground-truth metrics SAELens's `eval_sae_on_synthetic_data` does not compute: absorption on
-planted hierarchies, adjacent-token stability, firing-rate spread, and per-true-feature detection.
+planted hierarchies, adjacent-token stability, firing-rate spread, co-firing decoder overlap,
+per-true-feature detection and feature recovery beside its chance line.
 
 Pure NumPy/SciPy on boolean firing matrices ([tokens, features] `scipy.sparse` CSR, True where a
-code is non-zero), so they run in either environment and are checked on hand-built cases.
+code is non-zero), so they run in either environment and are checked on hand-built cases. The
+structure metrics have no "better" direction of their own: the true features have a value too, and
+`anchored` reports the SAE's distance to it.
 """
 
 from __future__ import annotations
@@ -39,8 +42,25 @@ def best_latents(decoder: np.ndarray, true_directions: np.ndarray) -> np.ndarray
     return np.argmax(true @ dec.T, axis=1)
 
 
-def _column_counts(matrix: sp.csr_matrix) -> np.ndarray:
+def _column_counts(matrix: sp.spmatrix) -> np.ndarray:
     return np.asarray(matrix.sum(axis=0), dtype=np.int64).ravel()
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """Element-wise ratio, NaN where the denominator is 0 (an undefined rate, not a zero one)."""
+    out = np.full(len(numerator), np.nan)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
+
+
+def _mean(values: np.ndarray) -> float | None:
+    """Mean of the defined (non-NaN) values; None when there are none."""
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if len(defined) else None
+
+
+def _listed(values: np.ndarray) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in values]
 
 
 def absorption(
@@ -50,29 +70,101 @@ def absorption(
     latent_of: np.ndarray,
     min_tokens: int = 5,
 ) -> dict:
-    """Absorption rate over planted parent-child pairs.
+    """Absorption over planted parent-child pairs, measured where the child is detected.
 
-    For a pair (P, C), on the tokens where C fires (so P fires too): the fraction where P's latent
-    is silent while C's latent fires - the child's latent has taken over the parent's meaning.
-    Averaged over pairs whose child fires on at least `min_tokens` tokens.
+    For a pair (P, C) whose child fires on at least `min_tokens` tokens, with m the matching:
+    `child_recall`, the fraction of C's tokens where m(C) fires; `child_precision`, the fraction of
+    m(C)'s firings that are on C's tokens; absorption, among C's tokens where m(C) fires, the
+    fraction where m(P) is silent. Absorption needs the child detected: a pair whose m(C) never
+    fires on C's tokens has no absorption rate (counted in `n_undetected`, left out of `rate`), so
+    an SAE blind to children cannot score "no absorption". Each is averaged over the pairs where
+    it is defined.
     """
     children = np.flatnonzero(parent >= 0)
-    child_tokens = true_fires[:, children].tocsc()
-    n_child = _column_counts(child_tokens)
-    use = n_child >= min_tokens
-    if not use.any():
-        return {"mean": None, "n_pairs": 0, "per_pair": []}
-    children, child_tokens, n_child = children[use], child_tokens[:, use], n_child[use]
-    child_latent = sae_fires[:, latent_of[children]].tocsc()
-    parent_latent = sae_fires[:, latent_of[parent[children]]].tocsc()
-    child_hit = child_tokens.multiply(child_latent)
-    both_hit = child_hit.multiply(parent_latent)
-    absorbed = _column_counts(child_hit.tocsr()) - _column_counts(both_hit.tocsr())
-    rates = absorbed / n_child
+    children = children[_column_counts(true_fires[:, children]) >= min_tokens]
+    child_tokens = true_fires[:, children]
+    child_latent = sae_fires[:, latent_of[children]]
+    parent_latent = sae_fires[:, latent_of[parent[children]]]
+    detected = child_tokens.multiply(child_latent)
+    n_detected = _column_counts(detected)
+    n_kept = _column_counts(detected.multiply(parent_latent))
+    rate = _ratio(n_detected - n_kept, n_detected)
+    recall = _ratio(n_detected, _column_counts(child_tokens))
+    precision = _ratio(n_detected, _column_counts(child_latent))
     return {
-        "mean": float(rates.mean()),
+        "rate": _mean(rate),
+        "child_recall": _mean(recall),
+        "child_precision": _mean(precision),
         "n_pairs": int(len(children)),
-        "per_pair": rates.tolist(),
+        "n_undetected": int(np.sum(n_detected == 0)),
+        "per_pair": {
+            "child": children.tolist(),
+            "absorption": _listed(rate),
+            "recall": _listed(recall),
+            "precision": _listed(precision),
+        },
+    }
+
+
+def _row_top(matrix: sp.csr_matrix, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `matrix`, the column of its stored entry with the largest `values` (one value per
+    stored entry) and that value; column -1 and value -inf for an empty row."""
+    counts = np.diff(matrix.indptr)
+    order = np.lexsort((-values, np.repeat(np.arange(matrix.shape[0]), counts)))
+    has = counts > 0
+    first = order[matrix.indptr[:-1][has]]
+    column = np.full(matrix.shape[0], -1)
+    best = np.full(matrix.shape[0], -np.inf)
+    column[has], best[has] = matrix.indices[first], values[first]
+    return column, best
+
+
+def saebench_absorption(
+    true_codes: sp.spmatrix,
+    sae_codes: sp.spmatrix,
+    decoder: np.ndarray,
+    true_directions: np.ndarray,
+    parent: np.ndarray,
+    latent_of: np.ndarray,
+    min_tokens: int = 5,
+    cos_threshold: float = 0.025,
+    projection_threshold: float = 0.4,
+) -> dict:
+    """SAEBench's full-absorption rate with the ground truth in place of its probe.
+
+    SAEBench counts, among a concept's true positives, the tokens where the concept's main latents
+    are silent and the latent projecting most onto the probe direction is aligned with it (cosine
+    >= 0.025) and carries >= 40% of the activation's projection. Here the concept is a parent P
+    (a feature with children), the probe its true direction d_P, the main latent m(P), and the
+    projection to explain P's true magnitude c_P: a token where P fires counts when m(P) is silent
+    and the active latent j with the largest a_j * (W_dec[j] . d_P) has
+    cos(W_dec[j], d_P) >= `cos_threshold` and a_j * (W_dec[j] . d_P) >= `projection_threshold` c_P.
+    Rate per parent over all of P's tokens, averaged over parents firing on >= `min_tokens`.
+    """
+    codes = sp.csc_matrix(true_codes)
+    codes.eliminate_zeros()
+    acts = sp.csr_matrix(sae_codes)
+    parents = np.unique(parent[parent >= 0])
+    unit_true = true_directions / np.linalg.norm(true_directions, axis=1, keepdims=True)
+    along = decoder @ unit_true[parents].T  # [latents, parents]: W_dec[j] . d_P
+    cos = along / np.maximum(np.linalg.norm(decoder, axis=1, keepdims=True), 1e-12)
+    rates = []
+    for k, p in enumerate(parents):
+        column = codes[:, p]
+        if column.nnz < min_tokens:
+            continue
+        rows = acts[column.indices]
+        missed = np.flatnonzero(rows[:, latent_of[p]].toarray().ravel() == 0)
+        rows = rows[missed]
+        top, projection = _row_top(rows, rows.data * along[rows.indices, k])
+        absorbed = projection >= projection_threshold * column.data[missed]
+        absorbed[absorbed] = cos[top[absorbed], k] >= cos_threshold
+        rates.append(absorbed.sum() / column.nnz)
+    return {
+        "rate": float(np.mean(rates)) if rates else None,
+        "n_parents": len(rates),
+        "cos_threshold": cos_threshold,
+        "projection_threshold": projection_threshold,
     }
 
 
@@ -125,6 +217,7 @@ def detection(true_fires: sp.csr_matrix, sae_fires: sp.csr_matrix, latent_of: np
 def cofiring_decoder_cos(fires: sp.csr_matrix, decoder: np.ndarray) -> float | None:
     """Mean |cos(d_i, d_j)| over pairs of distinct latents, weighted by how often they fire
     together: the overlap that the orthogonality regularisers (hier_ortho, pair_ortho) penalise.
+    On the true codes with the true directions it is the world's own overlap, the anchor.
     None when no two latents ever fire together."""
     counts = (fires.T.astype(np.float64) @ fires.astype(np.float64)).tocoo()
     off = counts.row != counts.col
@@ -134,3 +227,34 @@ def cofiring_decoder_cos(fires: sp.csr_matrix, decoder: np.ndarray) -> float | N
     unit = decoder / np.maximum(np.linalg.norm(decoder, axis=1, keepdims=True), 1e-12)
     cos = np.abs(np.einsum("pd,pd->p", unit[rows], unit[cols]))
     return float(np.sum(weight * cos) / weight.sum())
+
+
+def anchored(sae: float | None, truth: float | None) -> dict[str, float | None]:
+    """A structure metric beside the true features' own value. The distance is what is scored:
+    the truth is neither 0 nor 1 (true features co-fire, persist and spread too), so "lower is
+    better" would reward an SAE for being less like the world it models."""
+    distance = None if sae is None or truth is None else abs(sae - truth)
+    return {"sae": sae, "ground_truth": truth, "distance": distance}
+
+
+def random_unit_decoder(width: int, d: int, seed: int = 0) -> np.ndarray:
+    """The chance-line dictionary: `width` directions uniform on the unit sphere of R^d (rows of
+    `default_rng(seed).standard_normal((width, d))`, normalised). Many random directions match
+    some true direction fairly well in small d, so scores are read against this one."""
+    rows = np.random.default_rng(seed).standard_normal((width, d))
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def recovered_fraction(
+    decoder: np.ndarray, true_directions: np.ndarray, threshold: float = 0.9, chunk: int = 4096
+) -> float:
+    """Fraction of true features whose best-matching decoder row has |cos| > `threshold`: unlike
+    MCC, a random dictionary scores ~0 at 0.9 (chunked over true features to bound memory)."""
+    dec = decoder / np.maximum(np.linalg.norm(decoder, axis=1, keepdims=True), 1e-12)
+    true = true_directions / np.maximum(
+        np.linalg.norm(true_directions, axis=1, keepdims=True), 1e-12
+    )
+    best = np.concatenate(
+        [np.abs(true[i : i + chunk] @ dec.T).max(axis=1) for i in range(0, len(true), chunk)]
+    )
+    return float(np.mean(best > threshold))

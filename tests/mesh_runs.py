@@ -38,6 +38,7 @@ VARIANTS = {
 MESHES = {"4x1": (4, 1), "2x2": (2, 2), "1x4": (1, 4)}
 OTHER_VARIANTS = {
     "batchtopk": {"k": 8},
+    "matryoshka": {"k": 8},
     "jumprelu": {},
     "freq": {},
     "pair_ortho": {},

@@ -73,7 +73,7 @@ def fake_run(
 
 def add_synthetic_results(run: Path, mcc: float) -> None:
     """What `python -m synth.evaluate` merges in (its own writer, so a renamed key fails here)."""
-    result = {"world": "hierarchy", "saelens": {"mcc": mcc}, "absorption": {"mean": 0.2}}
+    result = {"world": "hierarchy", "saelens": {"mcc": mcc}, "absorption": {"rate": 0.2}}
     merge_into_final_info(run, TRAINED_ALIKE["layer"], result)
 
 

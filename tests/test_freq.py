@@ -64,19 +64,22 @@ def np_gradients(p, x, ref, lam) -> dict[str, np.ndarray]:
 def test_defaults_are_the_reference_ones_and_overridable():
     v = make_variant("freq", d_in=2304, d_sae=VARIANTS["freq"].suggested_d_sae(2304))
     assert v.d_sae == 2304 and VARIANTS["freq"].default_layer == 19
-    assert {k: v.hparams[k] for k in ("lambda", "alpha", "rate_decay", "freq_norm", "lr")} == {
-        "lambda": 0.04,
+    keys = ("lambda", "sparsity_warmup_steps", "alpha", "rate_decay", "freq_norm", "lr")
+    assert {k: v.hparams[k] for k in keys} == {
+        "lambda": 3.0,
+        "sparsity_warmup_steps": 1000,
         "alpha": 0.5,
         "rate_decay": 0.99,
-        "freq_norm": "none",
+        "freq_norm": "mean",
         "lr": 3e-4,
     }
+    assert make_variant("freq", 64, 256).hparams["lr"] == pytest.approx(3e-4 * 6)
     assert v.init_state()["firing_rate"].shape == (2304,)
     assert not np.any(v.init_state()["firing_rate"])
-    v = make_variant("freq", D, F, alpha=0.1, freq_norm="mean", rate_decay=0.9)
+    v = make_variant("freq", D, F, alpha=0.1, freq_norm="none", rate_decay=0.9)
     assert (v.hparams["alpha"], v.hparams["freq_norm"], v.hparams["rate_decay"]) == (
         0.1,
-        "mean",
+        "none",
         0.9,
     )
     with pytest.raises(VariantError, match="freq_norm"):
@@ -89,8 +92,9 @@ def test_defaults_are_the_reference_ones_and_overridable():
 def test_loss_terms_and_firing_rate_state_over_steps(freq_norm):
     hp = {"lam": 0.07, "alpha": 0.8, "decay": 0.9}
     v = make_variant(
-        "freq", D, F, **{"lambda": 0.07}, alpha=0.8, rate_decay=0.9, freq_norm=freq_norm
-    )
+        "freq", D, F, **{"lambda": 0.07}, alpha=0.8, rate_decay=0.9, freq_norm=freq_norm,
+        sparsity_warmup_steps=0,
+    )  # fmt: skip
     p = random_params(0)
     loss_fn = jax.jit(v.loss)
     rng = np.random.default_rng(1)
@@ -114,9 +118,32 @@ def test_loss_terms_and_firing_rate_state_over_steps(freq_norm):
     assert float(metrics["freq_l1"]) > float(metrics["l1"])
 
 
+@pytest.mark.parametrize("freq_norm", ["none", "mean"])
+def test_l1_warmup_scales_the_whole_weighted_penalty(freq_norm):
+    """lambda(t) = lambda * min(1, step / sparsity_warmup_steps) multiplies both terms: the plain
+    L1 and the frequency weighting (float64 reference, step 2 of a 8-step warm-up)."""
+    v = make_variant(
+        "freq", D, F, **{"lambda": 0.07}, alpha=0.8, rate_decay=0.9, freq_norm=freq_norm,
+        sparsity_warmup_steps=8,
+    )  # fmt: skip
+    p = random_params(9)
+    x = np.random.default_rng(10).normal(size=(B, D))
+    rate = np.random.default_rng(11).uniform(0, 0.3, size=F)
+    state = {**v.init_state(), "firing_rate": jnp.asarray(rate, jnp.float32)}
+    ref = np_reference(p, x, rate, lam=0.07 * 0.25, alpha=0.8, decay=0.9, freq_norm=freq_norm)
+    loss, (_, metrics) = jax.jit(v.loss)(to_jax(p), state, {"x": jnp.asarray(x, jnp.float32)}, 2)
+    assert_close(loss, ref["loss"], what="loss at a quarter of the warm-up")
+    assert_close(metrics["loss/l1"] + metrics["loss/freq"], 0.07 * 0.25 * ref["freq_l1"])
+    grads = jax.jit(jax.grad(v.loss, has_aux=True))(
+        to_jax(p), state, {"x": jnp.asarray(x, jnp.float32)}, 2
+    )[0]
+    for name, expected in np_gradients(p, x, ref, 0.07 * 0.25).items():
+        assert_close(grads[name], expected, rtol=5e-5, what=f"d loss / d {name}")
+
+
 def test_penalty_is_a_sum_over_latents_not_a_mean():
     """The reference bug: averaging over latents made the penalty ~F times too weak."""
-    v = make_variant("freq", D, F, alpha=0.0)
+    v = make_variant("freq", D, F, **{"lambda": 0.04}, alpha=0.0, sparsity_warmup_steps=0)
     p = random_params(2)
     x = np.random.default_rng(3).normal(size=(B, D))
     batch = {"x": jnp.asarray(x, jnp.float32)}
@@ -127,7 +154,10 @@ def test_penalty_is_a_sum_over_latents_not_a_mean():
 
 @pytest.mark.parametrize("freq_norm", ["none", "mean"])
 def test_gradient_holds_the_firing_rate_constant(freq_norm):
-    v = make_variant("freq", D, F, alpha=2.0, rate_decay=0.5, freq_norm=freq_norm)
+    v = make_variant(
+        "freq", D, F, **{"lambda": 0.04}, alpha=2.0, rate_decay=0.5, freq_norm=freq_norm,
+        sparsity_warmup_steps=0,
+    )  # fmt: skip
     p = random_params(4)
     rng = np.random.default_rng(5)
     rate = rng.uniform(0, 0.3, size=F)

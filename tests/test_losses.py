@@ -122,8 +122,12 @@ def test_l2norm_option_changes_the_recon_metric():
 # ------------------------------------------------------------------------------- standard
 
 
-def test_standard_encode_decode_and_loss_match_numpy():
-    variant = make_variant("standard", D_IN, D_SAE, **{"lambda": 0.07})
+@pytest.mark.parametrize(("warmup", "step", "scale"), [(0, 0, 1.0), (8, 2, 0.25), (8, 20, 1.0)])
+def test_standard_encode_decode_and_loss_match_numpy(warmup, step, scale):
+    """L = L_recon + min(1, step / sparsity_warmup_steps) * lambda * mean_b sum_i |h_i|."""
+    variant = make_variant(
+        "standard", D_IN, D_SAE, **{"lambda": 0.07}, sparsity_warmup_steps=warmup
+    )
     params, x = random_params(variant), random_x()
     p = as64(params)
     h = np.maximum(np_pre(p, x), 0.0)
@@ -131,23 +135,28 @@ def test_standard_encode_decode_and_loss_match_numpy():
     np.testing.assert_allclose(variant.encode(params, x), h, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(variant.decode(params, jnp.asarray(h)), x_hat, rtol=RTOL, atol=ATOL)
 
-    loss, _, metrics = run_loss(variant, params, x)
+    loss, _, metrics = run_loss(variant, params, x, step=step)
     recon, l1 = np_recon(x, x_hat), np.mean(np.sum(np.abs(h), axis=-1))
     np.testing.assert_allclose(metrics["recon"], recon, rtol=RTOL)
     np.testing.assert_allclose(metrics["l1"], l1, rtol=RTOL)
-    np.testing.assert_allclose(loss, recon + 0.07 * l1, rtol=RTOL)
+    np.testing.assert_allclose(loss, recon + scale * 0.07 * l1, rtol=RTOL)
+    np.testing.assert_allclose(metrics["loss/l1"], scale * 0.07 * l1, rtol=RTOL)
     np.testing.assert_allclose(metrics["loss"], loss)
     np.testing.assert_allclose(metrics["l0"], np.mean(np.sum(h > 0, axis=-1)))
     ev = 1 - np.sum((x - x_hat) ** 2) / np.sum((x - x.mean(0)) ** 2)
     np.testing.assert_allclose(metrics["explained_variance"], ev, rtol=1e-4)
 
 
-def test_standard_gradients_match_numpy():
-    """Analytic float64 gradients; checks the b_dec mat-vec trick and the custom matmul backward."""
-    lam = 0.05
-    variant = make_variant("standard", D_IN, D_SAE, **{"lambda": lam})
+@pytest.mark.parametrize(("warmup", "step"), [(0, 0), (10, 3)])
+def test_standard_gradients_match_numpy(warmup, step):
+    """Analytic float64 gradients; checks the b_dec mat-vec trick, the custom matmul backward
+    and the L1 warm-up (lambda scaled by min(1, step / sparsity_warmup_steps))."""
+    lam = 0.05 * (min(1.0, step / warmup) if warmup else 1.0)
+    variant = make_variant(
+        "standard", D_IN, D_SAE, **{"lambda": 0.05}, sparsity_warmup_steps=warmup
+    )
     params, x = random_params(variant), random_x()
-    grads = jax.grad(lambda prm: run_loss_traced(variant, prm, x))(params)
+    grads = jax.grad(lambda prm: run_loss_traced(variant, prm, x, step))(params)
 
     p = as64(params)
     pre = np_pre(p, x)
@@ -323,13 +332,23 @@ def test_jumprelu_straight_through_gradients_match_pseudo_derivatives():
     assert not np.any(g_pre)
     np.testing.assert_allclose(g_theta, np.sum(-(1 / bw) * window * cot, 0), rtol=1e-4)
 
+    # to_pre: the same kernel estimate reaches pre with the opposite sign (H depends on pre - theta)
+    out, vjp = jax.vjp(lambda a, t: heaviside(a, t, bw, True), *args)
+    g_pre, g_theta = vjp(jnp.asarray(cot, jnp.float32))
+    np.testing.assert_allclose(out, (pre > theta).astype(float))
+    np.testing.assert_allclose(g_pre, (1 / bw) * window * cot, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g_theta, np.sum(-(1 / bw) * window * cot, 0), rtol=1e-4)
 
+
+@pytest.mark.parametrize("to_pre", [True, False])
 @pytest.mark.parametrize("target_l0", [8.0, None])
-def test_jumprelu_loss_and_threshold_gradient_match_numpy(target_l0):
+def test_jumprelu_loss_and_gradients_match_numpy(target_l0, to_pre):
+    """Loss and every parameter's gradient in float64 from the formulas, with the L0 penalty's
+    pseudo-gradient reaching theta only or, with `l0_grad_to_pre`, the pre-activations too."""
     bw, penalty, warmup, step = 0.05, 0.3, 10, 4
     variant = make_variant(
         "jumprelu", D_IN, D_SAE, bandwidth=bw, sparsity_penalty=penalty,
-        target_l0=target_l0, sparsity_warmup_steps=warmup,
+        target_l0=target_l0, sparsity_warmup_steps=warmup, l0_grad_to_pre=to_pre,
     )  # fmt: skip
     params, x = random_params(variant), random_x()
     p = as64(params)
@@ -346,14 +365,29 @@ def test_jumprelu_loss_and_threshold_gradient_match_numpy(target_l0):
     np.testing.assert_allclose(metrics["sparsity"], sparsity, rtol=1e-5)
     np.testing.assert_allclose(loss, np_recon(x, x_hat) + penalty * scale * sparsity, rtol=RTOL)
 
-    # d loss / d theta with the pseudo-derivatives (theta is the raw parameter).
+    # gradients with the pseudo-derivatives (theta is the raw parameter)
     window = np_rectangle((pre - theta) / bw)
-    g_h = 2 * (x_hat - x) / BATCH @ p["W_dec"].T
+    assert 0 < window.mean() < 1  # some pre-activations lie in the kernel
+    g_xhat = 2 * (x_hat - x) / BATCH
+    g_h = g_xhat @ p["W_dec"].T
     g_theta_recon = np.sum(-(theta / bw) * window * g_h, axis=0)
     d_sparsity_d_l0 = 1.0 if target_l0 is None else 2 * (l0 / target_l0 - 1) / target_l0
-    g_theta_l0 = penalty * scale * d_sparsity_d_l0 * np.sum(-(1 / bw) * window, axis=0) / BATCH
+    d_loss_d_step = penalty * scale * d_sparsity_d_l0 / BATCH  # per (token, latent) step H
+    g_theta_l0 = np.sum(-(1 / bw) * window * d_loss_d_step, axis=0)
+    g_pre = g_h * (pre > theta) + (((1 / bw) * window * d_loss_d_step) if to_pre else 0.0)
+    want = {
+        "threshold": g_theta_recon + g_theta_l0,
+        "W_dec": h.T @ g_xhat,
+        "W_enc": (x - p["b_dec"]).T @ g_pre,
+        "b_enc": g_pre.sum(0),
+        "b_dec": g_xhat.sum(0) - g_pre.sum(0) @ p["W_enc"].T,
+    }
     grads = jax.grad(lambda prm: run_loss_traced(variant, prm, x, step))(params)
-    np.testing.assert_allclose(grads["threshold"], g_theta_recon + g_theta_l0, rtol=1e-4, atol=1e-6)
+    for name, value in want.items():
+        np.testing.assert_allclose(grads[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+    if to_pre:  # the L0 term's share of the encoder gradient is not negligible here
+        l0_part = (x - p["b_dec"]).T @ ((1 / bw) * window * d_loss_d_step)
+        assert np.linalg.norm(l0_part) > 0.01 * np.linalg.norm(want["W_enc"])
 
 
 def test_jumprelu_sparsity_warmup_is_linear_then_constant():
@@ -363,8 +397,8 @@ def test_jumprelu_sparsity_warmup_is_linear_then_constant():
     for step in (0, 2, 8, 20):
         loss, _, metrics = run_loss(variant, params, x, step=step)
         penalties.append(loss - metrics["recon"])
-    sparsity = metrics["sparsity"]
-    np.testing.assert_allclose(penalties, [0, 0.25 * sparsity, sparsity, sparsity], rtol=1e-4)
+    weighted = variant.hparams["sparsity_penalty"] * metrics["sparsity"]
+    np.testing.assert_allclose(penalties, [0, 0.25 * weighted, weighted, weighted], rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------- dead latents

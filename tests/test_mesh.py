@@ -153,7 +153,9 @@ def test_mesh_gives_the_weights_of_one_device(runs, variant, mesh):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["batchtopk", "jumprelu", "freq", "pair_ortho", "two_level"])
+@pytest.mark.parametrize(
+    "variant", ["batchtopk", "matryoshka", "jumprelu", "freq", "pair_ortho", "two_level"]
+)
 def test_every_other_variant_on_2x2_gives_the_weights_of_one_device(runs, variant):
     arrays, facts = runs
     assert_same_state(run_of(arrays, f"{variant}/2x2"), run_of(arrays, f"{variant}/1"))

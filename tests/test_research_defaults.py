@@ -26,12 +26,12 @@ def normalised_inputs(n: int, seed: int = 0) -> jax.Array:
     return x * jnp.sqrt(D_IN / jnp.mean(jnp.sum(x * x, axis=1)))
 
 
-def shares_at_init(name: str, batch: dict, state_fn=None) -> dict[str, float]:
+def shares_at_init(name: str, batch: dict, state_fn=None, step: int = 0) -> dict[str, float]:
     d_sae = VARIANTS[name].suggested_d_sae(D_IN) if name in ("hier_ortho",) else D_IN
     v = make_variant(name, D_IN, d_sae)
     params = v.init_params(jax.random.key(1), data_sample=np.asarray(batch["x"][:256]))
     state = v.init_state() if state_fn is None else state_fn(v, params, batch)
-    out = make_grad_shares(v)(params, state, batch, jnp.int32(0))
+    out = make_grad_shares(v)(params, state, batch, jnp.int32(step))
     return {key.split("/")[1]: float(value) for key, value in out.items()}
 
 
@@ -43,13 +43,14 @@ def test_orthogonality_share_is_in_the_spec_band_at_the_defaults(name):
 
 def test_freq_weighting_acts_beside_its_l1_term():
     """With the firing-rate state warmed up (set to the batch's rates), the frequency weighting
-    moves W_enc within an order of magnitude of the plain L1 term (measured 0.25x)."""
+    moves W_enc within an order of magnitude of the plain L1 term (measured 0.24x)."""
 
     def warmed(v, params, batch):
         codes = v.encode(params, batch["x"])
         return v.init_state() | {FIRING_RATE: jnp.mean(codes > 0, axis=0, dtype=jnp.float32)}
 
-    shares = shares_at_init("freq", {"x": normalised_inputs(BATCH)}, warmed)
+    # after the L1 warm-up, which scales both terms (at step 0 both are 0)
+    shares = shares_at_init("freq", {"x": normalised_inputs(BATCH)}, warmed, step=10**6)
     assert 0.1 <= shares["freq"] / shares["l1"] <= 10, shares
 
 
@@ -68,7 +69,7 @@ def test_grad_share_matches_a_float64_reference():
     analytic float64 gradients of the formulas."""
     d, f, n, lam = 8, 24, 32, 0.04
     rng = np.random.default_rng(0)
-    v = make_variant("standard", d, f)
+    v = make_variant("standard", d, f, **{"lambda": lam}, sparsity_warmup_steps=0)
     p = {
         "W_enc": rng.normal(size=(d, f)) / np.sqrt(d),
         "b_enc": rng.normal(size=f) * 0.3,

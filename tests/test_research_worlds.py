@@ -145,7 +145,7 @@ def heldout_scores(world: Path, run: Path) -> dict[str, float | None]:
     if "parent" in truth:
         latent_of = metrics.best_latents(decoder, truth["feature_vectors"])
         scores["absorption"] = metrics.absorption(true_fires, fires, truth["parent"], latent_of)[
-            "mean"
+            "rate"
         ]
     return scores
 
@@ -179,37 +179,62 @@ def test_hier_ortho_lowers_the_overlap_of_cofiring_decoder_rows(hierarchy_runs):
     assert idea["cofiring_cos"] < 0.95 * base["cofiring_cos"], (idea, base)
 
 
-def test_two_level_absorbs_less_than_topk_at_the_same_l0(hierarchy_runs):
+def test_two_level_does_not_absorb_less_than_topk_at_the_same_l0(hierarchy_runs):
+    """A measured negative result: counted where the child's latent fires, two_level's parent
+    latent is silent at least as often as TopK's (benchmarks/SYNTH.md: 0.75 against 0.29)."""
     idea, base = hierarchy_runs["two_level"], hierarchy_runs["topk_for_two_level"]
     assert idea["l0"] == pytest.approx(base["l0"], rel=0.1)
-    assert idea["absorption"] < 0.8 * base["absorption"], (idea, base)
+    assert idea["absorption"] >= base["absorption"], (idea, base)
 
 
 NULL_RESULTS = {
     # idea: (world, metric) - measured at the defaults against `standard` at the same lambda
     # (same L0 within 2%): in benchmarks/SYNTH.md, 3 seeds, pair_ortho +1% co-firing overlap,
-    # temporal -0.1% adjacent-token Jaccard, freq -2% firing-rate spread (within the seeds' spread)
+    # temporal -0.1% adjacent-token Jaccard
     "pair_ortho": ("hierarchy", "cofiring_cos"),
     "temporal": ("temporal", "jaccard"),
-    "freq": ("zipf", "spread"),
 }
+TEMPLATE_STANDARD = (
+    "lambda=0.04",
+    "lr=0.0003",
+    "encoder_init_scale=null",
+    "sparsity_warmup_steps=0",
+)
+"""`standard` at the reference template's settings, which pair_ortho and temporal keep
+(`variants.TEMPLATE_RELU`): their baseline at the same lambda and init."""
 
 
 @pytest.mark.parametrize("idea", list(NULL_RESULTS))
 def test_relu_ideas_are_active_but_do_not_move_their_metric_at_the_defaults(idea, worlds, tmp_path):
     """A measured null result, asserted so that a change in it is noticed. At the defaults on
-    these worlds (d 64: F = d = 64, lambda 0.04, L0 ~48 of 64 latents) the ReLU ideas leave their
-    target metric within 5% of `standard`'s, although their term does act: its gradient share,
-    logged at every interval, ends at 10x (pair_ortho), 0.25x (freq) and 0.07x (temporal) that of
-    the L1 term beside it. The dense codes leave these ideas little to act
-    on; the TopK-family ideas, by contrast, move theirs (tests above)."""
+    these worlds (d 64: F = d = 64, the template init, lambda 0.04, L0 ~48 of 64 latents)
+    pair_ortho and temporal leave their target metric within 5% of `standard`'s at the same
+    settings, although their term does act: its gradient share, logged at every interval, ends at
+    10x (pair_ortho) and 0.07x (temporal) that of the L1 term beside it. The dense codes leave
+    these ideas little to act on; the TopK-family ideas, by contrast, move theirs (tests above)."""
     world, key = NULL_RESULTS[idea]
     scores = {}
-    for name in (idea, "standard"):
-        train_at_defaults(worlds / world, name, tmp_path / name, extra=(f"--tokens={2 * TOKENS}",))
+    for name, sets in ((idea, ()), ("standard", TEMPLATE_STANDARD)):
+        train_at_defaults(
+            worlds / world, name, tmp_path / name, *sets, extra=(f"--tokens={2 * TOKENS}",)
+        )
         scores[name] = heldout_scores(worlds / world, tmp_path / name)
     records = [json.loads(line) for line in (tmp_path / idea / "metrics.jsonl").open()]
     ratios = [r[f"grad_share/{idea}"] / r["grad_share/l1"] for r in records]
-    assert ratios[-1] > 0.05  # measured at the end: pair_ortho ~10x, freq 0.25x, temporal 0.07x
+    assert ratios[-1] > 0.05  # measured at the end: pair_ortho ~10x, temporal 0.07x
     assert scores[idea]["l0"] == pytest.approx(scores["standard"]["l0"], rel=0.05)
     assert scores[idea][key] == pytest.approx(scores["standard"][key], rel=0.05), scores
+
+
+def test_freq_weighting_changes_the_code_at_the_defaults(worlds, tmp_path):
+    """freq (`freq_norm=mean`) against `standard` at the same lambda on the zipf world: the
+    weighting acts. Each latent of average firing rate pays 1 + alpha = 1.5x the L1 weight, so
+    the code is sparser; the logged gradient share of the weighting stays within 10x of L1's."""
+    scores = {}
+    for name in ("freq", "standard"):
+        train_at_defaults(worlds / "zipf", name, tmp_path / name, extra=(f"--tokens={2 * TOKENS}",))
+        scores[name] = heldout_scores(worlds / "zipf", tmp_path / name)
+    records = [json.loads(line) for line in (tmp_path / "freq" / "metrics.jsonl").open()]
+    ratio = records[-1]["grad_share/freq"] / records[-1]["grad_share/l1"]
+    assert 0.1 < ratio < 10, ratio
+    assert scores["freq"]["l0"] < 0.9 * scores["standard"]["l0"], scores

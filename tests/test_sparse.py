@@ -141,6 +141,7 @@ def test_topk_loss_gradients_and_projection_match_float64(dense, chunked):
 CASES = {
     "topk": {"k": 5, "k_aux": 7},
     "batchtopk": {"k": 5, "k_aux": 7},
+    "matryoshka": {"k": 5, "k_aux": 7},
     "hier_ortho": {"k": 5, "k_aux": 7, "lambda_2": 1.0},
     "hier_ortho-activations": {"k": 5, "k_aux": 7, "lambda_2": 1.0, "ortho_target": "activations"},
     "two_level": {"F_c": 8, "k_c": 3, "k_b": 6, "k_aux": 7},

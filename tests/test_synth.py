@@ -1,9 +1,10 @@
 """Synthetic worlds (synth.make_world) and their scoring (synth.evaluate, synth.metrics).
 
 The worlds are built once, tiny (d 64, 256 features, 20k tokens), in one `.venv-eval` subprocess;
-the metric functions are checked here against direct loops on hand-built cases; the scoring runs
-end to end on hand-made SAEs whose answers are known: the oracle (decoder = true directions) and
-one built to absorb every parent into its children.
+the metric functions are checked here on hand-built cases against answers worked out by hand or
+by direct loops, and the chance line against SciPy's Hungarian matching; the scoring runs end to
+end on hand-made SAEs whose answers are known: the oracle (decoder = true directions) and one
+built to absorb every parent into its children.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from safetensors.numpy import load_file, save_file
+from scipy.optimize import linear_sum_assignment
 
 from jax_sae.data.cache import ActivationCache
 from jax_sae.export import saelens as ex
@@ -187,7 +189,66 @@ def test_existing_folders_are_refused_in_one_line(built, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_absorption_on_hand_built_codes():
+# pairs (0, 1), (0, 2), (3, 4), (5, 6) on 64 tokens; pair (5, 6) has too few child tokens.
+# Feature f fires on tokens HAND_SPANS[f][0] .. HAND_SPANS[f][1] - 1.
+HAND_PARENT = np.array([-1, 0, 0, -1, 3, -1, 5])
+HAND_SPANS = [(0, 32), (0, 8), (16, 24), (32, 48), (32, 40), (48, 52), (48, 50)]
+
+
+def hand_truth() -> np.ndarray:
+    true = np.zeros((64, 7), bool)
+    for feature, (start, stop) in enumerate(HAND_SPANS):
+        true[start:stop, feature] = True
+    return true
+
+
+def hand_absorption(true: np.ndarray, sae: np.ndarray) -> dict:
+    return metrics.absorption(
+        sp.csr_matrix(true), sp.csr_matrix(sae), HAND_PARENT, np.arange(7), min_tokens=5
+    )
+
+
+def test_absorption_known_answers_on_hand_built_codes():
+    true = hand_truth()
+    perfect = hand_absorption(true, true)
+    assert perfect["n_pairs"] == 3 and perfect["n_undetected"] == 0
+    assert perfect["per_pair"]["child"] == [1, 2, 4]
+    assert (perfect["rate"], perfect["child_recall"], perfect["child_precision"]) == (0, 1, 1)
+    # fully absorbed: every child latent fires on its child, the parent latent is silent there
+    absorbed = true.copy()
+    for child in (1, 2, 4, 6):
+        absorbed[true[:, child], HAND_PARENT[child]] = False
+    full = hand_absorption(true, absorbed)
+    assert (full["rate"], full["child_recall"], full["child_precision"]) == (1, 1, 1)
+    # missed child: latent 4 never fires, so pair (3, 4) has no absorption rate, not a rate of 0
+    missed = true.copy()
+    missed[:, 4] = False
+    result = hand_absorption(true, missed)
+    assert result["n_undetected"] == 1 and result["per_pair"]["absorption"] == [0, 0, None]
+    assert result["per_pair"]["recall"] == [1, 1, 0]
+    assert result["per_pair"]["precision"] == [1, 1, None]
+    assert result["rate"] == 0 and result["child_recall"] == pytest.approx(2 / 3)
+    # partial, on top of the missed child: latent 2 fires on 4 of its 8 child tokens (16-19), the
+    # parent latent is silent on 2 of those (16, 17), and latent 2 fires on 4 other tokens (56-59)
+    partial = missed.copy()
+    partial[20:24, 2] = False
+    partial[16:18, 0] = False
+    partial[56:60, 2] = True
+    result = hand_absorption(true, partial)
+    assert result["per_pair"]["absorption"] == [0, 2 / 4, None]
+    assert result["per_pair"]["recall"] == [1, 4 / 8, 0]
+    assert result["per_pair"]["precision"] == [1, 4 / 8, None]
+    assert result["rate"] == pytest.approx((0 + 0.5) / 2)  # over the 2 pairs where it is defined
+    assert result["child_recall"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert result["child_precision"] == pytest.approx((1 + 0.5) / 2)
+    assert result["n_pairs"] == 3 and result["n_undetected"] == 1
+    # a blind SAE: nothing detected, no absorption rate at all
+    blind = hand_absorption(true, np.zeros_like(true))
+    assert blind["rate"] is None and blind["child_precision"] is None
+    assert blind["child_recall"] == 0 and blind["n_undetected"] == 3
+
+
+def test_absorption_matches_a_token_loop_on_random_codes():
     rng = np.random.default_rng(0)
     parent = np.array([-1, 0, 0, -1, 3])  # 0 -> {1, 2}, 3 -> {4}
     true = np.zeros((400, 5), bool)
@@ -196,25 +257,132 @@ def test_absorption_on_hand_built_codes():
     true[np.arange(400), kid] = true[:, 0] & (rng.random(400) < 0.6)  # one child at most
     true[:, 3] = rng.random(400) < 0.3
     true[:, 4] = true[:, 3] & (rng.random(400) < 0.5)
-    latent_of = np.array([0, 1, 2, 3, 4])
-    oracle = true.copy()
-    absorbing = true.copy()
-    absorbing[:, 0] &= ~(true[:, 1] | true[:, 2])  # the parent latent is silent under children
-    absorbing[:, 3] &= ~true[:, 4]
-    half = true.copy()
-    half[:200, 3] &= ~true[:200, 4]  # pair (3, 4) absorbed on the first half only
-    for sae, expected in ((oracle, 0.0), (absorbing, 1.0)):
-        result = metrics.absorption(sp.csr_matrix(true), sp.csr_matrix(sae), parent, latent_of)
-        assert result["n_pairs"] == 3 and result["mean"] == pytest.approx(expected)
-    result = metrics.absorption(sp.csr_matrix(true), sp.csr_matrix(half), parent, latent_of)
-    child = true[:, 4]
-    direct = np.sum(child & ~half[:, 3] & half[:, 4]) / child.sum()
-    assert result["per_pair"] == pytest.approx([0.0, 0.0, direct])
-    assert 0.3 < direct < 0.7
-    # the child latent must fire: a parent latent silent because the SAE is blind is no absorption
-    blind = np.zeros_like(true)
-    result = metrics.absorption(sp.csr_matrix(true), sp.csr_matrix(blind), parent, latent_of)
-    assert result["mean"] == 0.0
+    sae = true ^ (rng.random(true.shape) < 0.2)  # a noisy detector of every feature
+    result = metrics.absorption(sp.csr_matrix(true), sp.csr_matrix(sae), parent, np.arange(5))
+    rates, recalls, precisions = [], [], []
+    for child in (1, 2, 4):
+        detected = absorbed = fires = on_child = 0
+        for t in range(400):
+            fires += int(sae[t, child])
+            if true[t, child]:
+                on_child += 1
+                if sae[t, child]:
+                    detected += 1
+                    absorbed += int(not sae[t, parent[child]])
+        rates.append(absorbed / detected)
+        recalls.append(detected / on_child)
+        precisions.append(detected / fires)
+    assert result["per_pair"]["absorption"] == pytest.approx(rates, rel=1e-12)
+    assert result["rate"] == pytest.approx(np.mean(rates), rel=1e-12)
+    assert result["child_recall"] == pytest.approx(np.mean(recalls), rel=1e-12)
+    assert result["child_precision"] == pytest.approx(np.mean(precisions), rel=1e-12)
+
+
+def test_saebench_absorption_known_answers():
+    """Parent 0 (direction e0) fires on tokens 0-6 with magnitude 1 (2 on token 5); parent 2 fires
+    on 3 tokens only (below min_tokens). Latent 0 is m(0); X = (e0 + e1)/sqrt2 projects 0.707 per
+    unit of activation, Y has cos 0.3, Z cos 0.01."""
+    true_dirs = np.eye(4)
+    x = np.array([1, 1, 0, 0]) / np.sqrt(2)
+    y = np.array([0.3, 0, np.sqrt(1 - 0.09), 0])
+    z = np.array([0.01, 0, 0, np.sqrt(1 - 1e-4)])
+    decoder = np.stack([true_dirs[0], true_dirs[1], true_dirs[2], true_dirs[3], x, y, z])
+    parent, latent_of = np.array([-1, 0, -1, 2]), np.arange(4)
+    codes = np.zeros((10, 4))
+    codes[:7, 0] = [1, 1, 1, 1, 1, 2, 1]
+    codes[7:, 2] = 1
+    acts = np.zeros((10, 7))
+    acts[0, 0] = 1  # the parent's latent fires: not absorption
+    acts[1, 4] = 1  # X carries 0.707 >= 0.4 x 1: absorbed
+    acts[2, 5] = 1  # Y carries 0.3 < 0.4: not absorbed
+    # token 3: nothing fires
+    acts[4, 4], acts[4, 6] = 0.5, 50  # the top projector is Z (0.5 > 0.354), cos 0.01 < 0.025
+    acts[5, 4] = 1  # 0.707 < 0.4 x 2: not absorbed
+    acts[6, 4], acts[6, 5] = 2, 1  # X carries 1.414 and is the top projector: absorbed
+    result = metrics.saebench_absorption(
+        sp.csr_matrix(codes), sp.csr_matrix(acts), decoder, true_dirs, parent, latent_of
+    )
+    assert result["n_parents"] == 1 and result["rate"] == pytest.approx(2 / 7)
+    perfect = metrics.saebench_absorption(
+        sp.csr_matrix(codes), sp.csr_matrix(codes), true_dirs, true_dirs, parent, latent_of
+    )
+    assert perfect["rate"] == 0
+
+
+def test_structure_metrics_are_anchored_to_the_truth():
+    from synth.evaluate import structure_metrics
+
+    rng = np.random.default_rng(1)
+    true = sp.csr_matrix(rng.random((300, 20)) < 0.1)
+    dirs = rng.normal(size=(20, 8))
+    positions = np.tile(np.arange(1, 31), 10)
+    perfect = structure_metrics(true, true, dirs, dirs, positions)
+    spread = perfect["firing_rate_spread"]
+    triples = [perfect["adjacent_jaccard"], perfect["cofiring_decoder_cos"]]
+    triples += [spread["std_log10_rate"], spread["frac_above_10x_median"]]
+    for triple in triples:
+        assert triple["sae"] == triple["ground_truth"] is not None and triple["distance"] == 0
+    assert spread["n_live"] == {"sae": 20, "ground_truth": 20}
+    assert metrics.anchored(0.25, 0.1) == {"sae": 0.25, "ground_truth": 0.1, "distance": 0.15}
+    assert metrics.anchored(None, 0.1)["distance"] is None
+
+
+def test_recovered_fraction_known_answers_and_chance():
+    true = np.eye(3)
+    decoder = np.array([[-2.0, 0, 0], [0, 0.95, np.sqrt(1 - 0.95**2)], [0.6, 0, 0.8]])
+    # best |cos|: feature 0 -> 1.0 (sign ignored), 1 -> 0.95, 2 -> 0.8
+    assert metrics.recovered_fraction(decoder, true) == pytest.approx(2 / 3)
+    assert metrics.recovered_fraction(decoder, true, threshold=0.7) == 1
+    rng = np.random.default_rng(2)
+    dirs = rng.normal(size=(256, 64))
+    assert metrics.recovered_fraction(dirs * 3.0, dirs) == 1  # the perfect decoder
+    random = metrics.random_unit_decoder(1024, 64, seed=3)
+    assert random.shape == (1024, 64)
+    assert np.allclose(np.linalg.norm(random, axis=1), 1)
+    best = [
+        max(abs(r @ t) / (np.linalg.norm(r) * np.linalg.norm(t)) for r in random[:256])
+        for t in dirs[:16]
+    ]  # a float64 loop on a slice: random directions in d 64 stay far below 0.9
+    assert max(best) < 0.9
+    assert metrics.recovered_fraction(random, dirs) == 0
+    assert metrics.recovered_fraction(random, dirs, chunk=100) == 0
+
+
+CHANCE_SCRIPT = """
+import json, sys
+import numpy as np
+from synth import metrics
+from synth.evaluate import feature_recovery
+
+rng = np.random.default_rng(4)
+dirs = rng.normal(size=(256, 64))
+other = metrics.random_unit_decoder(512, 64, seed=11)
+print(json.dumps(feature_recovery(other, dirs, sae_mcc=0.0)))
+"""
+
+
+def test_feature_recovery_chance_line_is_a_random_decoders_mcc(tmp_path):
+    proc = run_eval_python(["-c", CHANCE_SCRIPT], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert (result["width"], result["d"], result["n_true_features"]) == (512, 64, 256)
+    rng = np.random.default_rng(4)
+    dirs = rng.normal(size=(256, 64))
+
+    def mcc(decoder: np.ndarray) -> float:  # SAELens's definition, in float64
+        cos = np.abs(decoder @ dirs.T)
+        cos /= np.outer(np.linalg.norm(decoder, axis=1), np.linalg.norm(dirs, axis=1))
+        rows, cols = linear_sum_assignment(1 - cos)
+        return float(cos[rows, cols].mean())
+
+    chance = np.random.default_rng(0).standard_normal((512, 64))  # the documented chance decoder
+    assert result["mcc"]["chance"] == pytest.approx(mcc(chance), abs=1e-5)
+    # any other random decoder of the same width lands on the line; MCC alone is far from 0
+    for seed in (11, 12):
+        other = np.random.default_rng(seed).standard_normal((512, 64))
+        assert mcc(other) == pytest.approx(result["mcc"]["chance"], abs=0.01)
+    assert 0.3 < result["mcc"]["chance"] < 0.5
+    assert result["recovered"] == {"sae": 0.0, "chance": 0.0}
 
 
 def test_adjacent_jaccard_on_a_hand_made_sequence():
@@ -295,16 +463,41 @@ def test_synth_eval_scores_oracle_and_absorbing_saes(built, tmp_path):
     for run in (oracle, absorbing):
         proc = run_eval_python(["-m", "synth.evaluate", str(run), "--samples", "8192"], tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "compare only at equal width" in proc.stdout and "distance" in proc.stdout
         entry = json.loads((run / "final_info.json").read_text())["training results for layer 0"]
         assert entry["x"] == 1  # other keys survive the merge
         scores[run.name] = entry["synthetic evaluation results"]
     o, a = scores["oracle"], scores["absorbing"]
     assert o["world"] == "hierarchy" and o["absorption"]["n_pairs"] == 96
     assert o["saelens"]["mcc"] > 0.999 and o["saelens"]["dead_latents"] == 0
-    assert o["absorption"]["mean"] < 0.05 and o["true_feature_detection"]["recall"] > 0.95
-    assert a["absorption"]["mean"] > 0.5 and a["saelens"]["mcc"] < 0.99
-    j = o["adjacent_jaccard"]
-    assert j["sae"] == pytest.approx(j["ground_truth"], abs=0.05)
+    assert o["absorption"]["rate"] < 0.05 and o["absorption"]["child_recall"] > 0.95
+    assert o["absorption"]["n_undetected"] == 0 and o["true_feature_detection"]["recall"] > 0.95
+    assert a["absorption"]["rate"] > 0.5 and a["absorption"]["child_recall"] > 0.5
+    assert a["saelens"]["mcc"] < 0.99
+    # SAEBench-style: the oracle's parents are kept; the absorbing SAE's children carry them
+    assert o["absorption"]["saebench_full"]["n_parents"] == 32  # 8 trees of 1 root + 3 inner nodes
+    assert o["absorption"]["saebench_full"]["rate"] < 0.02
+    assert a["absorption"]["saebench_full"]["rate"] > 0.15
+    # feature recovery beside the chance line of a random unit decoder of the same width
+    r = o["feature_recovery"]
+    assert (r["width"], r["d"], r["n_true_features"]) == (F, D, F)
+    assert r["mcc"]["sae"] == o["saelens"]["mcc"] and r["recovered"] == {"sae": 1.0, "chance": 0.0}
+    chance = np.random.default_rng(r["chance_seed"]).standard_normal((F, D))
+    cos = np.abs(chance @ dirs.T)
+    cos /= np.outer(np.linalg.norm(chance, axis=1), np.linalg.norm(dirs, axis=1))
+    rows, cols = linear_sum_assignment(1 - cos)
+    assert r["mcc"]["chance"] == pytest.approx(cos[rows, cols].mean(), abs=1e-5)
+    assert a["feature_recovery"]["mcc"]["chance"] == r["mcc"]["chance"]
+    # structure metrics: the same truth anchor for both, the distance to it scored
+    for key in ("adjacent_jaccard", "cofiring_decoder_cos"):
+        for result in (o, a):
+            m = result[key]
+            assert m["distance"] == pytest.approx(abs(m["sae"] - m["ground_truth"]))
+        assert o[key]["ground_truth"] == a[key]["ground_truth"]
+    assert o["adjacent_jaccard"]["distance"] < 0.05  # i.i.d. tokens: truth ~0.005
+    assert 0.05 < o["cofiring_decoder_cos"]["ground_truth"] < 0.2  # random directions in d 64
+    spread = o["firing_rate_spread"]["std_log10_rate"]
+    assert spread["distance"] == pytest.approx(abs(spread["sae"] - spread["ground_truth"]))
 
 
 def test_synth_eval_refuses_a_run_of_a_real_cache(built, tmp_path):

@@ -167,14 +167,16 @@ def test_training_decreases_the_loss(name, lr_scale, hparams):
     variant, data, params, opt = setup(name, lr_scale=lr_scale, **hparams)
     params, _, state, history = train(variant, data, params, opt, n_steps=150)
     recon = [m["recon"] for m in history]
-    assert np.mean(recon[-10:]) < 0.2 * np.mean(recon[:10])
+    # jumprelu holds L0 at its target (measured 6.2 of 6) and gives up a little reconstruction
+    # for it (recon at 0.21x its start; 0.11x with penalty 1 and theta only, L0 7.4)
+    assert np.mean(recon[-10:]) < (0.2 if name == "batchtopk" else 0.25) * np.mean(recon[:10])
     assert all(np.isfinite(m["loss"]) for m in history)
     if name == "batchtopk":
         assert 0 < float(state["threshold"]) < np.inf
         np.testing.assert_allclose(history[-1]["l0"], 6)
     else:  # the data init starts L0 at target_l0; the L0 penalty keeps it near by raising theta
         assert abs(history[0]["l0"] / 6.0 - 1) < 0.25
-        assert abs(np.mean([m["l0"] for m in history[-10:]]) / 6.0 - 1) < 0.5
+        assert abs(np.mean([m["l0"] for m in history[-10:]]) / 6.0 - 1) < 0.1
         theta = np.asarray(params["threshold"])
         assert np.abs(theta - 0.2).max() > 0.05 and theta.min() >= 0  # learned, clamped >= 0
 

@@ -84,7 +84,13 @@ def test_invalid_sizes(d_in, d_sae):
 
 def test_resolved_hyperparameters_hold_spec_defaults_and_are_json():
     standard = make_variant("standard", 2304, 2304).hparams
-    assert standard["lambda"] == 0.04 and standard["lr"] == 3e-4
+    assert standard["lambda"] == 3.0 and standard["lr"] == 3e-4
+    assert standard["sparsity_warmup_steps"] == 1000 and standard["encoder_init_scale"] == 0.1
+    assert make_variant("standard", 64, 1024).hparams["lr"] == pytest.approx(3e-4 * 6)
+    for name in ("temporal", "pair_ortho"):  # keep the template their coefficients were set for
+        hparams = make_variant(name, 64, 1024).hparams
+        assert hparams["encoder_init_scale"] is None and hparams["sparsity_warmup_steps"] == 0
+        assert hparams["lr"] == 3e-4 and hparams.get("lambda", hparams.get("lambda_1")) == 0.04
     assert standard["warmup_steps"] == 1000 and standard["dead_tokens"] == 10_000_000
     assert standard["recon"] == "squared" and standard["lr_decay"] == "constant"
 
@@ -95,8 +101,9 @@ def test_resolved_hyperparameters_hold_spec_defaults_and_are_json():
     assert make_variant("topk", 64, 4096, lr=1e-3).hparams["lr"] == 1e-3
 
     jump = make_variant("jumprelu", 2304, 65536).hparams
-    assert jump["lr"] == 3e-4 and jump["sparsity_penalty"] == 1.0 and jump["target_l0"] == 20
-    assert jump["bandwidth"] == 0.001 and jump["threshold_init"] == 0.001
+    assert jump["lr"] == 3e-4 and jump["sparsity_penalty"] == 100.0 and jump["target_l0"] == 20
+    assert jump["bandwidth"] == 0.1 and jump["threshold_init"] == 0.001
+    assert jump["l0_grad_to_pre"] is True
     assert make_variant("jumprelu", D_IN, D_SAE, target_l0=None).hparams["target_l0"] is None
 
     assert make_variant("batchtopk", 2304, 65536).hparams["threshold_decay"] == 0.99
@@ -126,8 +133,19 @@ def test_registry_suggestions():
 # ---------------------------------------------------------------------------------- init
 
 
-def test_standard_init_is_kaiming_uniform_with_unit_decoder_rows_and_zero_biases():
+def test_standard_init_is_tied_and_small_with_unit_decoder_rows_and_zero_biases():
     params = make_variant("standard", D_IN, D_SAE).init_params(jax.random.key(0))
+    np.testing.assert_allclose(np.linalg.norm(params["W_dec"], axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(params["W_enc"], 0.1 * np.asarray(params["W_dec"]).T, rtol=1e-6)
+    assert not np.any(params["b_enc"]) and not np.any(params["b_dec"])
+    scaled = make_variant("standard", D_IN, D_SAE, encoder_init_scale=0.5)
+    params = scaled.init_params(jax.random.key(0))
+    np.testing.assert_allclose(params["W_enc"], 0.5 * np.asarray(params["W_dec"]).T, rtol=1e-6)
+
+
+def test_template_init_is_kaiming_uniform_with_unit_decoder_rows_and_zero_biases():
+    variant = make_variant("standard", D_IN, D_SAE, encoder_init_scale=None)
+    params = variant.init_params(jax.random.key(0))
     w_enc = np.asarray(params["W_enc"])
     bound = math.sqrt(6 / D_IN)
     assert w_enc.shape == (D_IN, D_SAE) and np.abs(w_enc).max() <= bound
@@ -290,7 +308,7 @@ def test_undocumented_hyperparameter_is_refused(monkeypatch, variant, owner, whe
 
 def test_undocumented_l1_coefficient_is_refused(monkeypatch):
     l1 = VARIANTS["temporal"].terms[0]
-    assert l1.HPARAM_DOCS.keys() == {"lambda_1"}
+    assert l1.HPARAM_DOCS.keys() == {"lambda_1", "sparsity_warmup_steps"}
     monkeypatch.setattr(l1, "HPARAM_DOCS", {})
     with pytest.raises(VariantError, match="'lambda_1'.*jax_sae/model/losses/l1.py"):
         hparam_help("temporal")

@@ -135,24 +135,30 @@ def _jumprelu_bwd(bandwidth, residuals, g):
 jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def heaviside(pre: jax.Array, theta: jax.Array, bandwidth: float) -> jax.Array:
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def heaviside(
+    pre: jax.Array, theta: jax.Array, bandwidth: float, to_pre: bool = False
+) -> jax.Array:
     """Step function `H(pre - theta)` (1.0 where a JumpReLU latent fires), for the L0 penalty.
 
-    Gradients (Rajamanoharan et al. 2024): none to `pre` (the paper trains the encoder only through
-    the reconstruction), d/dtheta = -(1 / bandwidth) * K((pre - theta) / bandwidth).
+    Pseudo-gradients with the rectangle kernel K: d/dtheta = -(1 / bandwidth) K((pre - theta) /
+    bandwidth) (Rajamanoharan et al. 2024); d/dpre = 0 (the paper trains the encoder only through
+    the reconstruction) or, with `to_pre`, the same estimate with the opposite sign,
+    +(1 / bandwidth) K((pre - theta) / bandwidth), since the step depends on pre only through
+    pre - theta (Anthropic's 2025 JumpReLU recipe: the L0 penalty then reaches W_enc and b_enc).
     """
     return (pre > theta).astype(pre.dtype)
 
 
-def _heaviside_fwd(pre, theta, bandwidth):
-    return heaviside(pre, theta, bandwidth), (pre, theta)
+def _heaviside_fwd(pre, theta, bandwidth, to_pre):
+    return heaviside(pre, theta, bandwidth, to_pre), (pre, theta)
 
 
-def _heaviside_bwd(bandwidth, residuals, g):
+def _heaviside_bwd(bandwidth, to_pre, residuals, g):
     pre, theta = residuals
-    g_theta = -(1.0 / bandwidth) * _rectangle((pre - theta) / bandwidth) * g
-    return jnp.zeros_like(pre), _sum_to_threshold_shape(g_theta, theta)
+    estimate = (1.0 / bandwidth) * _rectangle((pre - theta) / bandwidth) * g
+    g_pre = estimate.astype(pre.dtype) if to_pre else jnp.zeros_like(pre)
+    return g_pre, _sum_to_threshold_shape(-estimate, theta)
 
 
 heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)

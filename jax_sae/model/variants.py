@@ -60,6 +60,7 @@ from jax_sae.model.losses.freq import FrequencyWeighting
 from jax_sae.model.losses.hier_ortho import HierarchicalOrthogonality
 from jax_sae.model.losses.jumprelu_sparsity import JumpReLUSparsity
 from jax_sae.model.losses.l1 import L1Penalty
+from jax_sae.model.losses.matryoshka import MatryoshkaReconstruction
 from jax_sae.model.losses.pair_ortho import PairOrthogonality
 from jax_sae.model.losses.temporal import TemporalConsistency
 from jax_sae.model.losses.two_level import ConceptAuxK
@@ -77,6 +78,14 @@ def gao_lr(d_in: int, d_sae: int) -> float:
     return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
+def unit_row_lr(d_in: int, d_sae: int) -> float:
+    """3e-4 at d_in 2304, times sqrt(2304 / d_in): Adam moves every coordinate of a unit-norm
+    decoder row by about lr per step, so the row turns by about lr sqrt(d_in) radians per step;
+    this keeps that angle at its d_in-2304 value (1.8e-3 at d_in 64, where a flat 3e-4 left the
+    decoder at chance after 1024 steps; docs/variants.md, `standard`)."""
+    return 3e-4 * math.sqrt(2304 / d_in)
+
+
 TRAINING_HPARAMS: Mapping[str, Any] = MappingProxyType(
     {"lr": 3e-4, "warmup_steps": 1000, "lr_decay": "constant", "grad_clip_norm": None}
 )
@@ -85,7 +94,7 @@ TRAINING_HPARAMS: Mapping[str, Any] = MappingProxyType(
 measured on our TopK it lowered held-out explained variance (benchmarks/RESULTS.md)."""
 TRAINING_HPARAM_DOCS: Mapping[str, str] = MappingProxyType(
     {
-        "lr": "peak Adam learning rate, after the warm-up (TopK family: 2e-4 / sqrt(d_sae / 2^14))",
+        "lr": "peak Adam lr (TopK: 2e-4/sqrt(d_sae/2^14); standard, freq: 3e-4 sqrt(2304/d_in))",
         "warmup_steps": "steps of linear learning-rate warm-up (lr / warmup_steps to lr); 0: none",
         "lr_decay": "after the warm-up: constant lr, or cosine/linear decay to 0 at the last step",
         "grad_clip_norm": "clip the gradient to this global L2 norm before Adam; None: no clipping",
@@ -116,10 +125,17 @@ class VariantSpec:
         return d_in if self.default_d_sae is None else self.default_d_sae
 
 
+TEMPLATE_RELU: Mapping[str, Any] = MappingProxyType(
+    {"encoder_init_scale": None, "sparsity_warmup_steps": 0}
+)
+"""The reference template's ReLU init and an L1 coefficient without warm-up, which `temporal` and
+`pair_ortho` keep with their lambda 0.04: their own coefficients were calibrated against it."""
+
 VARIANTS: dict[str, VariantSpec] = {
     "standard": VariantSpec(
         ReLUSAE,
         (L1Penalty(),),
+        defaults={"lr": unit_row_lr},
         default_layer=19,
         description="ReLU SAE + L1 penalty",
     ),
@@ -137,6 +153,13 @@ VARIANTS: dict[str, VariantSpec] = {
         default_d_sae=65536,
         description="BatchTopK SAE + AuxK, exported as JumpReLU (Bussmann et al. 2024)",
     ),
+    "matryoshka": VariantSpec(
+        BatchTopKSAE,
+        (AuxK(), BatchTopKThreshold(), MatryoshkaReconstruction()),
+        defaults={"lr": gao_lr},
+        default_d_sae=65536,
+        description="BatchTopK whose nested prefixes each reconstruct x (Bussmann et al. 2025)",
+    ),
     "jumprelu": VariantSpec(
         JumpReLUSAE,
         (JumpReLUSparsity(),),
@@ -146,12 +169,14 @@ VARIANTS: dict[str, VariantSpec] = {
     "freq": VariantSpec(
         ReLUSAE,
         (L1Penalty(), FrequencyWeighting()),
+        defaults={"lr": unit_row_lr},
         default_layer=19,
         description="ReLU SAE + L1 weighted by each latent's EMA firing rate",
     ),
     "temporal": VariantSpec(
         ReLUSAE,
-        (L1Penalty("lambda_1"), TemporalConsistency()),
+        (L1Penalty("lambda_1", 0.04), TemporalConsistency()),
+        defaults=TEMPLATE_RELU,
         default_layer=19,
         batch_keys=("x", "x_prev", "seq_start"),
         description="ReLU SAE + L1 + adaptive consistency with the previous token",
@@ -165,7 +190,8 @@ VARIANTS: dict[str, VariantSpec] = {
     ),
     "pair_ortho": VariantSpec(
         ReLUSAE,
-        (L1Penalty(), PairOrthogonality()),
+        (L1Penalty(default=0.04), PairOrthogonality()),
+        defaults=TEMPLATE_RELU,
         default_layer=19,
         description="ReLU SAE + L1 + orthogonality of the top co-activating pairs",
     ),
@@ -180,14 +206,16 @@ VARIANTS: dict[str, VariantSpec] = {
 
 
 def _coerce(variant: str, name: str, value: Any, default: Any, nullable: bool) -> Any:
-    """Give `value` the type of `default`: ints are accepted for floats and integral floats for
-    ints (values from a CLI or JSON); anything else is a VariantError."""
+    """Give `value` the type of `default`: ints are accepted for floats, integral floats for
+    ints and lists for tuples (values from a CLI or JSON); anything else is a VariantError."""
     if value is None:
         if nullable or default is None:
             return None
         raise VariantError(f"{variant}: hyper-parameter {name} cannot be None")
     if default is None or type(value) is type(default):
         return value
+    if type(default) is tuple and isinstance(value, list):  # a list from JSON, YAML or the CLI
+        return tuple(value)
     numeric = isinstance(value, int | float) and not isinstance(value, bool)
     if type(default) is float and numeric:
         return float(value)
@@ -456,8 +484,8 @@ class Variant:
         *,
         compute_dtype: Any = jnp.float32,
     ) -> jax.Array:
-        """Inference-time latent codes. Only `batchtopk` reads `state` (its threshold; without a
-        state it applies the training rule, batch top-k, to the given x)."""
+        """Inference-time latent codes. Only `batchtopk` and `matryoshka` read `state` (their
+        threshold; without a state they apply the training rule, batch top-k, to the given x)."""
         model = self.model(compute_dtype)
         # flax types apply's result as (output, variables) for the mutable case; not used here
         return cast(jax.Array, model.apply({"params": params}, x, state, method=model.encode))

@@ -72,7 +72,7 @@ SYNTHETIC_KEY = "synthetic evaluation results"
 """Where `python -m synth.evaluate` merges its results (inside the layer's training entry)."""
 SYNTHETIC_COLUMNS = {
     "synth_mcc": ("saelens", "mcc"),
-    "synth_absorption": ("absorption", "mean"),
+    "synth_absorption": ("absorption", "rate"),
 }
 """Column -> path of the metric inside the synthetic results (MCC is the headline)."""
 HEADERS = {

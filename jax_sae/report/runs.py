@@ -83,13 +83,19 @@ def config_hash(config: dict) -> str:
 
 
 def differing_keys(old: dict, new: dict) -> list[str]:
-    """The ``TRAINING_KEYS`` (hparams expanded) on which two configs disagree."""
+    """The ``TRAINING_KEYS`` (hparams expanded) on which two configs disagree, compared as
+    ``config_hash`` sees them, in JSON: a fresh config's tuple (matryoshka's widths) equals the
+    list that config.json reads back."""
+
+    def differ(a: Any, b: Any) -> bool:
+        return json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True)
+
     keys = []
     for key in TRAINING_KEYS:
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif a != b:
+            keys += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if differ(a.get(k), b.get(k))]
+        elif differ(a, b):
             keys.append(key)
     return keys
 

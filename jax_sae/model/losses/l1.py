@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 
 from jax_sae.model.losses import LossContext, LossTerm, TermOutput
+from jax_sae.model.losses.jumprelu_sparsity import sparsity_scale
 
 
 class L1Penalty(LossTerm):
@@ -11,11 +12,12 @@ class L1Penalty(LossTerm):
     NAME = "l1"
     ACTS_ON = ("W_enc", "b_enc")
 
-    def __init__(self, coefficient: str = "lambda", default: float = 0.04) -> None:
+    def __init__(self, coefficient: str = "lambda", default: float = 3.0) -> None:
         self.coefficient = coefficient
-        self.HPARAMS = {coefficient: default}
+        self.HPARAMS = {coefficient: default, "sparsity_warmup_steps": 1000}
         self.HPARAM_DOCS = {
-            coefficient: f"L1 coefficient: adds {coefficient} * mean_batch sum_i |h_i| to the loss"
+            coefficient: f"L1 coefficient: adds {coefficient} * mean_batch sum_i |h_i| to the loss",
+            "sparsity_warmup_steps": "steps over which the L1 coefficient rises linearly from 0",
         }
 
     def check_hparams(self, hparams, d_in, d_sae):
@@ -24,4 +26,5 @@ class L1Penalty(LossTerm):
 
     def __call__(self, ctx: LossContext, state) -> TermOutput:
         l1 = jnp.mean(jnp.sum(jnp.abs(ctx.fwd.h), axis=-1))
-        return TermOutput(ctx.hparams[self.coefficient] * l1, {}, {"l1": l1})
+        scale = sparsity_scale(ctx.step, ctx.hparams["sparsity_warmup_steps"])
+        return TermOutput(ctx.hparams[self.coefficient] * scale * l1, {}, {"l1": l1})
