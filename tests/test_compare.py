@@ -24,6 +24,7 @@ def fake_run(
     core=None,
     l0=7.5,
     ev=0.81,
+    pooled=None,
     **config_entries,
 ) -> Path:
     run = root / name
@@ -44,11 +45,13 @@ def fake_run(
         record = {"step": step, "tokens": 32 * step, "loss": 4.0 / step, "l0": 8.0 + step}
         log.append(record | {"explained_variance": 0.5 + 0.1 * step})
     extra = {runs.FAST_EVAL_KEY: None}
-    if fast:
+    if fast:  # as the fast evaluation writes it: ev is SAEBench's formula, 1 - FVU ev - 0.06
+        pooled = ev - 0.06 if pooled is None else pooled
         extra[runs.FAST_EVAL_KEY] = {
             "l0": l0,
-            "explained_variance": ev,
-            "explained_variance_pooled": ev - 0.06,
+            "explained_variance": pooled,
+            "explained_variance_pooled": pooled,
+            "explained_variance_saebench": ev,
             "mse_per_token": 0.25,
             "dead_frac": 0.125,
         }
@@ -110,16 +113,19 @@ def test_table_plot_and_json(tmp_path):
     header, row_a, row_b, row_c = table_lines(markdown)
     assert header[:3] == ["run", "variant", "hparams"] and "mismatch" not in header
     assert "ce_loss_score" in header and "core_l0" in header and "absorption" not in header
-    # one explained-variance definition per column, each named
-    ev, ev_train, fvu = (
-        header.index(h) for h in ("EV (SAEBench)", "EV (train batches)", "FVU (pooled)")
+    # one explained-variance definition per column, each named; 1 - FVU leads
+    ev, ev_train, formula = (
+        header.index(h) for h in ("EV (1 - FVU)", "EV (train batches)", "EV (SAEBench formula)")
     )
-    assert not any("explained_variance" in h for h in header)
-    assert (row_a[ev], row_a[ev_train], row_a[fvu]) == ("0.81", "-", "0.25")
-    assert (row_b[ev], row_b[ev_train], row_b[fvu]) == ("-", "0.9", "-")
+    assert not any("explained_variance" in h or "FVU (pooled)" in h for h in header)
+    assert header.index("L0") < ev < ev_train < header.index("final_loss") < formula
+    assert formula == header.index("ce_loss_score") - 1  # beside SAEBench's other numbers
+    assert (row_a[ev], row_a[ev_train], row_a[formula]) == ("0.75", "-", "0.81")
+    assert (row_b[ev], row_b[ev_train], row_b[formula]) == ("-", "0.9", "-")
     assert row_a[2] == "k=8" and row_b[2] == "k=16" and row_c[2] == "k=8"  # lambda_2: c only
     rows = json.loads((out / "comparison.json").read_text())
-    assert rows[0]["ev_saebench"] == 0.81 and rows[0]["mse"] == 0.25
+    assert rows[0]["ev"] == 0.75 and rows[0]["ev_saebench_formula"] == 0.81
+    assert rows[0]["mse"] == 0.25
     assert rows[0]["ce_loss_score"] == 0.97 and rows[1]["ce_loss_score"] is None
     # b has no held-out evaluation: the last logged training interval, marked
     assert rows[1]["metrics_from"] == "train" and rows[1]["l0"] == 12.0
@@ -182,13 +188,13 @@ def test_pareto_panels_follow_the_results_present(tmp_path):
     a = fake_run(tmp_path, "a")
     b = fake_run(tmp_path, "b", l0=20.0, ev=0.9)
     rows = compare.compare([a, b], tmp_path / "plain")
-    assert [p.y for p in compare.pareto_panels(rows)] == ["ev_saebench", "fvu_pooled"]
+    assert [p.y for p in compare.pareto_panels(rows)] == ["ev"]  # FVU = 1 - EV: no panel
 
     add_synthetic_results(b, mcc=0.7)
     c = fake_run(tmp_path, "c", core=0.97, fast=False)
     rows = compare.compare([a, b, c], tmp_path / "all")
     panels = [p.y for p in compare.pareto_panels(rows)]
-    assert panels == ["ev_saebench", "ev_train_batches", "fvu_pooled", "ce_loss_score", "synth_mcc"]
+    assert panels == ["ev", "ev_train_batches", "ce_loss_score", "synth_mcc"]
     assert rows[1]["synth_mcc"] == 0.7 and rows[1]["synth_absorption"] == 0.2
     assert "MCC (synthetic)" in (tmp_path / "all" / "comparison.md").read_text()
 
@@ -209,8 +215,8 @@ def test_write_sweep_report(tmp_path):
     assert header[:4] == ["member", "variant", "lambda", "seed"]
     for needed in (
         "L0",
-        "EV (SAEBench)",
-        "FVU (pooled)",
+        "EV (1 - FVU)",
+        "EV (SAEBench formula)",
         "dead_frac",
         "final_loss",
         "MCC (synthetic)",
@@ -221,3 +227,59 @@ def test_write_sweep_report(tmp_path):
         ["m1", "standard", "0.1", "0"],
         ["m2", "standard", "0.01", "1"],
     ]
+
+
+def test_a_run_evaluated_before_the_headline_changed_reads_alike(tmp_path):
+    """Older final_info.json files hold SAEBench's formula under `explained_variance` and 1 - FVU
+    only under `explained_variance_pooled`: the columns still mean what their headers say."""
+    old = fake_run(tmp_path, "old")
+    info = runs.read_json(old / runs.FINAL_INFO)
+    fast = info["training results for layer 3"][runs.FAST_EVAL_KEY]
+    del fast["explained_variance_saebench"]
+    fast["explained_variance"], fast["explained_variance_pooled"] = 1.066, 0.57  # 5x scale
+    runs.write_json(old / runs.FINAL_INFO, info)
+    new = fake_run(tmp_path, "new", ev=1.066, pooled=0.57)  # the same run evaluated today
+    rows = compare.compare([old, new], tmp_path / "out")
+    assert [(r["ev"], r["ev_saebench_formula"]) for r in rows] == [(0.57, 1.066)] * 2
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (0.001131370849898476, "0.00113"),
+        (1.131370849898476e-05, "1.13e-05"),
+        (3e-4, "0.0003"),
+        (1.5, "1.5"),
+        (3.0, "3"),
+        (1234.5, "1230"),
+        (2.5e7, "2.5e+07"),
+        (0.0, "0.0"),
+        (16384, "16384"),  # integers stay whole
+        (True, "True"),
+        ("cosine", "cosine"),
+        ([0.001131370849898476, 128], "[0.00113, 128]"),
+    ],
+)
+def test_settings_are_shown_to_three_significant_digits(value, shown):
+    assert compare.setting_text(value) == shown
+
+
+def test_tables_round_hyper_parameters_in_labels_and_cells(tmp_path):
+    lr = 0.001131370849898476  # what a learning rate scaled by sqrt(2) looks like
+    a = fake_run(tmp_path, "a", hparams={"k": 8, "lr": lr}, d_sae=16384)
+    b = fake_run(tmp_path, "b", hparams={"k": 8, "lr": 2 * lr}, d_sae=32768)
+    out = tmp_path / "cmp"
+    compare.compare([a, b], out)
+    markdown = (out / "comparison.md").read_text()
+    _, row_a, row_b = table_lines(markdown)
+    assert row_a[2] == "d_sae=16384, lr=0.00113" and row_b[2] == "d_sae=32768, lr=0.00226"
+    assert "0.0011313" not in markdown
+
+    sweep = tmp_path / "runs" / "lr"
+    members = [
+        fake_run(sweep, f"m{i}", sweep={"name": "lr", "swept": {"lr": value, "seed": 0}})
+        for i, value in enumerate((lr, 1e-4 * 2**0.5))
+    ]
+    header, *rows = table_lines(compare.write_sweep_report(sweep, members).read_text())
+    column = header.index("lr")
+    assert [r[column] for r in rows] == ["0.00113", "0.000141"]

@@ -33,9 +33,10 @@ def reference(x_batches, xhat_batches, h_batches):
     nin, nout = np.linalg.norm(x, axis=1), np.linalg.norm(xh, axis=1)
     density = (h > 0).mean(0)
     return {
-        "explained_variance": 1 - rss.mean() / (mss - (mss / D) ** 2),
-        "explained_variance_legacy": legacy.mean(),
+        "explained_variance": 1 - rss.sum() / ((x - x.mean(0)) ** 2).sum(),
         "explained_variance_pooled": 1 - rss.sum() / ((x - x.mean(0)) ** 2).sum(),
+        "explained_variance_saebench": 1 - rss.mean() / (mss - (mss / D) ** 2),
+        "explained_variance_legacy": legacy.mean(),
         "mse": mse.mean(),
         "mse_per_token": rss.mean(),
         "cossim": ((x * xh).sum(1) / (nin * nout)).mean(),
@@ -114,3 +115,29 @@ def test_evaluate_scores_the_sae_on_raw_activations_with_the_scale_folded():
     expected = reference(xs, xhats, [h / scale for h in hs])
     for key in ("explained_variance_pooled", "mse_per_token", "cossim", "l1", "l0", "l2_ratio"):
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, err_msg=key)
+
+
+def test_headline_explained_variance_is_one_minus_fvu_where_saebench_exceeds_one():
+    """A known answer by hand (d = 4, four tokens): x = m + delta with m = (1, 1, 1, 1) and delta
+    = +-e1, +-e2, reconstructed as m + delta / 2. Then sum ||x - mean||^2 = 4, rss = 1/4 per
+    token, so 1 - FVU = 1 - 1 / 4 = 0.75 at any scale. SAEBench's formula uses M = mean ||x||^2
+    = 5: 1 - 0.25 / (5 - (5/4)^2) = 0.9273 at scale 1, but scaled 5x (M = 125, rss 6.25 per
+    token) its denominator 125 - 31.25^2 is negative: 1 + 6.25 / 851.5625 = 1.0073 > 1."""
+    m = np.ones(4)
+    delta = np.array([[1, 0, 0, 0], [-1, 0, 0, 0], [0, 1, 0, 0], [0, -1, 0, 0]], np.float64)
+    by_hand = {1.0: 1 - 0.25 / (5 - (5 / 4) ** 2), 5.0: 1 + 6.25 / (31.25**2 - 125)}
+    for scale, saebench_by_hand in by_hand.items():
+        x, x_hat = scale * (m + delta), scale * (m + delta / 2)
+        totals = MetricTotals()
+        totals.add(x.astype(np.float32), x_hat.astype(np.float32), np.zeros((4, 3), np.float32))
+        got = totals.result()
+        # the formulas, in float64
+        rss = ((x - x_hat) ** 2).sum(1)
+        mean_sq = (x**2).sum(1).mean()
+        one_minus_fvu = 1 - rss.sum() / ((x - x.mean(0)) ** 2).sum()
+        saebench = 1 - rss.mean() / (mean_sq - (mean_sq / 4) ** 2)
+        assert one_minus_fvu == pytest.approx(0.75) and saebench == pytest.approx(saebench_by_hand)
+        assert got["explained_variance"] == pytest.approx(one_minus_fvu, rel=1e-6)
+        assert got["explained_variance_pooled"] == got["explained_variance"]
+        assert got["explained_variance_saebench"] == pytest.approx(saebench, rel=1e-6)
+    assert by_hand[1.0] < 1 < by_hand[5.0]  # SAEBench's number passes 1 at 5x; ours stays 0.75

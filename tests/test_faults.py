@@ -32,7 +32,14 @@ from jax_sae.training.divergence import DivergenceRule
 from jax_sae.util import disk
 from tests import test_train_cli
 from tests.helpers import poke_cache
-from tests.test_train_cli import LAYER, STEPS, args, one_error_line, write_cache
+from tests.test_train_cli import (
+    LAYER,
+    STANDARD_SETS,
+    STEPS,
+    args,
+    one_error_line,
+    write_cache,
+)
 
 cache = test_train_cli.cache  # the small synthetic cache and its uninterrupted reference run
 reference_run = test_train_cli.reference_run
@@ -410,7 +417,9 @@ def test_resume_with_more_steps_extends_a_finished_run_bit_for_bit(
     reference_run, cache, tmp_path, capsys
 ):
     longer = tmp_path / "longer"
-    assert train.main(args(cache, longer, "--steps", str(STEPS + 20))) == 0
+    # the extended run keeps the L1 warm-up adapted to its first length (10% of STEPS)
+    same_warmup = (*STANDARD_SETS, f"sparsity_warmup_steps={STEPS // 10}")
+    assert train.main(args(cache, longer, "--steps", str(STEPS + 20), sets=same_warmup)) == 0
     extended = tmp_path / "extended"
     shutil.copytree(reference_run, extended)
     assert train.main(args(cache, extended, "--steps", str(STEPS + 20), "--resume")) == 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,9 @@ LAYERS = ("util", "parallel", "data", "model", "report", "training")
 ALLOWED = {layer: set(LAYERS[: i + 1]) for i, layer in enumerate(LAYERS)} | {
     "export": {"util", "export"}
 }
+ABOVE_ALL = ["sae.py"]
+"""Top-level modules above every layer (``jax_sae.SAE``): they may import any layer and export,
+and no layer imports them (their names are in no ``ALLOWED`` set)."""
 
 
 def imported_modules(file: Path) -> list[str]:
@@ -38,7 +43,19 @@ def package_files() -> list[tuple[str, Path]]:
 def test_every_module_lives_in_a_layer():
     assert {layer for layer, _ in package_files()} == set(ALLOWED)
     top_level = sorted(p.name for p in (REPO / "jax_sae").glob("*.py"))
-    assert top_level == ["__init__.py"]
+    assert top_level == ["__init__.py", *ABOVE_ALL]
+    assert not {Path(name).stem for name in ABOVE_ALL} & set().union(*ALLOWED.values())
+
+
+def test_the_package_and_the_exporter_import_without_jax():
+    """``jax_sae/__init__.py`` imports ``jax_sae.SAE`` only on first use: the evaluation
+    environment, which has no JAX, imports ``jax_sae.export`` and ``jax_sae.data``."""
+    code = (
+        "import sys, jax_sae, jax_sae.export.saelens, jax_sae.data.cache\n"
+        "assert 'jax' not in sys.modules, 'jax imported'\n"
+        "assert jax_sae.SAE.__module__ == 'jax_sae.sae' and 'jax' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))

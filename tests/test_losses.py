@@ -61,7 +61,10 @@ def np_auxk(x, x_hat, pre, dead_mask, w_dec, k_aux):
         keep = [i for i in np.argsort(values)[::-1][:k_aux] if dead_mask[i]]
         h_aux[row, keep] = np.maximum(values[keep], 0.0)
     e_hat = h_aux @ w_dec
-    return np.sum((e - e_hat) ** 2) / np.sum((e - e.mean(axis=0)) ** 2)
+    # sparsify's FVU + alpha * aux / var(e), in the units of the squared reconstruction loss
+    # (mean over tokens of ||x - x_hat||^2): multiplied by the batch's variance of x per token
+    x_variance = np.mean(np.sum((x - x.mean(axis=0)) ** 2, axis=1))
+    return x_variance * np.sum((e - e_hat) ** 2) / np.sum((e - e.mean(axis=0)) ** 2)
 
 
 def as64(tree):

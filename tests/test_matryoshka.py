@@ -66,7 +66,7 @@ def test_invalid_widths_are_one_line_errors_naming_the_fix(widths, message):
 
 
 def test_a_scalar_width_is_refused_by_type():
-    with pytest.raises(VariantError, match="matryoshka_widths must be tuple"):
+    with pytest.raises(VariantError, match="matryoshka_widths must be a list"):
         make_variant("matryoshka", D, F, k=K, matryoshka_widths=0.5)
 
 
@@ -74,7 +74,8 @@ def test_a_scalar_width_is_refused_by_type():
 
 
 def np_matryoshka_loss_and_grads(p, x, dead_before, widths, k, k_aux, alpha):
-    """L = sum_i mean_b ||x - x_hat_i||^2 + alpha L_aux, x_hat_i = h[:, :m_i] W_dec[:m_i] + b_dec,
+    """L = sum_i mean_b ||x - x_hat_i||^2 + alpha L_aux (`auxk`: in units of the squared error),
+    x_hat_i = h[:, :m_i] W_dec[:m_i] + b_dec,
     h the BatchTopK code, and its gradients, from the formulas (float64)."""
     n = len(x)
     pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
@@ -103,8 +104,9 @@ def np_matryoshka_loss_and_grads(p, x, dead_before, widths, k, k_aux, alpha):
     h_aux = np.where(aux_keep, pre, 0.0)
     e = x - x_hat
     variance = np.sum((e - e.mean(0)) ** 2)
-    loss += alpha * np.sum((e - h_aux @ p["W_dec"]) ** 2) / variance
-    g_ehat = -2.0 * alpha * (e - h_aux @ p["W_dec"]) / variance
+    x_variance = np.mean(np.sum((x - x.mean(0)) ** 2, axis=1))  # a constant (sparsify's units)
+    loss += alpha * x_variance * np.sum((e - h_aux @ p["W_dec"]) ** 2) / variance
+    g_ehat = -2.0 * alpha * x_variance * (e - h_aux @ p["W_dec"]) / variance
     g_pre += (g_ehat @ p["W_dec"].T) * aux_keep
     grads["W_dec"] += h_aux.T @ g_ehat
     grads["W_enc"] = (x - p["b_dec"]).T @ g_pre

@@ -60,7 +60,7 @@ def test_temporal_term_acts_beside_its_l1_term():
     x = normalised_inputs(BATCH)
     x_prev = x + 0.5 * normalised_inputs(BATCH, seed=1)
     batch = {"x": x, "x_prev": x_prev, "seq_start": jnp.zeros(BATCH, bool)}
-    shares = shares_at_init("temporal", batch)
+    shares = shares_at_init("temporal", batch, step=10**6)  # after the shared L1 warm-up
     assert 0.1 <= shares["temporal"] / shares["l1"] <= 10, shares
 
 

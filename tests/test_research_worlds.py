@@ -18,6 +18,7 @@ import train
 from jax_sae.data.cache import ActivationCache
 from jax_sae.model.losses import hier_ortho
 from jax_sae.model.variants import make_variant
+from jax_sae.report.trained import read_trained
 from synth import metrics
 from tests.test_export import EVAL_PYTHON, REPO, eval_venv_env
 
@@ -123,15 +124,17 @@ def test_hier_ortho_weights_rank_planted_pairs_above_chance_cofirings(worlds):
 
 def heldout_scores(world: Path, run: Path) -> dict[str, float | None]:
     """The run's SAE on the world's held-out tokens against the ground truth (synth.metrics)."""
-    config = json.loads((run / "config.json").read_text())
-    v = make_variant(config["variant"], config["d_in"], config["d_sae"], **config["hparams"])
-    params = v.params_from_arrays(load_file(run / "sae_params.safetensors"))
+    trained = read_trained(run)
+    config, v, params = trained.config, trained.variant, trained.params
     truth = load_file(world / "ground_truth.safetensors")
     offset, n_heldout = int(truth["heldout_offset"][0]), len(truth["heldout_indptr"]) - 1
     cache = ActivationCache(world)
     acts = cache.acts(0)[offset : offset + n_heldout] * config["norm_scale"]
     codes = np.concatenate(
-        [np.asarray(v.encode(params, acts[i : i + BATCH])) for i in range(0, len(acts), BATCH)]
+        [
+            np.asarray(v.encode(params, acts[i : i + BATCH], trained.state))
+            for i in range(0, len(acts), BATCH)
+        ]
     )
     fires, true_fires = metrics.firing(codes), true_firing(world)[0]
     # two_level codes are [base, concept]: its dictionary is both decoders, in that order
@@ -181,49 +184,47 @@ def test_hier_ortho_lowers_the_overlap_of_cofiring_decoder_rows(hierarchy_runs):
 
 def test_two_level_does_not_absorb_less_than_topk_at_the_same_l0(hierarchy_runs):
     """A measured negative result: counted where the child's latent fires, two_level's parent
-    latent is silent at least as often as TopK's (benchmarks/SYNTH.md: 0.75 against 0.29)."""
+    latent is silent about as often as TopK's (within 10%) here, and more often at the bench's
+    working point (benchmarks/SYNTH.md, d 256: 0.573 against 0.319)."""
     idea, base = hierarchy_runs["two_level"], hierarchy_runs["topk_for_two_level"]
     assert idea["l0"] == pytest.approx(base["l0"], rel=0.1)
-    assert idea["absorption"] >= base["absorption"], (idea, base)
+    # measured on these d-64 worlds: 0.905 against 0.912, a tie; the old metric's -47% fails this
+    assert idea["absorption"] >= 0.9 * base["absorption"], (idea, base)
 
 
-NULL_RESULTS = {
-    # idea: (world, metric) - measured at the defaults against `standard` at the same lambda
-    # (same L0 within 2%): in benchmarks/SYNTH.md, 3 seeds, pair_ortho +1% co-firing overlap,
-    # temporal -0.1% adjacent-token Jaccard
-    "pair_ortho": ("hierarchy", "cofiring_cos"),
-    "temporal": ("temporal", "jaccard"),
-}
-TEMPLATE_STANDARD = (
-    "lambda=0.04",
-    "lr=0.0003",
-    "encoder_init_scale=null",
-    "sparsity_warmup_steps=0",
-)
-"""`standard` at the reference template's settings, which pair_ortho and temporal keep
-(`variants.TEMPLATE_RELU`): their baseline at the same lambda and init."""
-
-
-@pytest.mark.parametrize("idea", list(NULL_RESULTS))
-def test_relu_ideas_are_active_but_do_not_move_their_metric_at_the_defaults(idea, worlds, tmp_path):
-    """A measured null result, asserted so that a change in it is noticed. At the defaults on
-    these worlds (d 64: F = d = 64, the template init, lambda 0.04, L0 ~48 of 64 latents)
-    pair_ortho and temporal leave their target metric within 5% of `standard`'s at the same
-    settings, although their term does act: its gradient share, logged at every interval, ends at
-    10x (pair_ortho) and 0.07x (temporal) that of the L1 term beside it. The dense codes leave
-    these ideas little to act on; the TopK-family ideas, by contrast, move theirs (tests above)."""
-    world, key = NULL_RESULTS[idea]
+def defaults_against_standard(world: Path, idea: str, root: Path) -> tuple[dict, dict, float]:
+    """The idea and `standard`, both at their defaults (the same base: init, lambda, warm-up, lr),
+    two epochs of `world`: their held-out scores and the idea's gradient share over L1's at the
+    last logged interval."""
     scores = {}
-    for name, sets in ((idea, ()), ("standard", TEMPLATE_STANDARD)):
-        train_at_defaults(
-            worlds / world, name, tmp_path / name, *sets, extra=(f"--tokens={2 * TOKENS}",)
-        )
-        scores[name] = heldout_scores(worlds / world, tmp_path / name)
-    records = [json.loads(line) for line in (tmp_path / idea / "metrics.jsonl").open()]
-    ratios = [r[f"grad_share/{idea}"] / r["grad_share/l1"] for r in records]
-    assert ratios[-1] > 0.05  # measured at the end: pair_ortho ~10x, temporal 0.07x
-    assert scores[idea]["l0"] == pytest.approx(scores["standard"]["l0"], rel=0.05)
-    assert scores[idea][key] == pytest.approx(scores["standard"][key], rel=0.05), scores
+    for name in (idea, "standard"):
+        train_at_defaults(world, name, root / name, extra=(f"--tokens={2 * TOKENS}",))
+        scores[name] = heldout_scores(world, root / name)
+    last = [json.loads(line) for line in (root / idea / "metrics.jsonl").open()][-1]
+    return scores[idea], scores["standard"], last[f"grad_share/{idea}"] / last["grad_share/l1"]
+
+
+def test_pair_ortho_acts_but_leaves_cofiring_overlap_at_the_defaults(worlds, tmp_path):
+    """A measured null result, asserted so that a change in it is noticed: on the hierarchy world
+    (d 64, F = d = 64, L0 ~10) pair_ortho's term acts (gradient share 0.07x the L1 term's at the
+    end) but the co-firing decoder overlap stays within 5% of `standard`'s (measured 0.158 against
+    0.161, L0 10.5 against 10.5). benchmarks/SYNTH.md measures it at a working point (F = number
+    of true features)."""
+    idea, base, ratio = defaults_against_standard(worlds / "hierarchy", "pair_ortho", tmp_path)
+    assert ratio > 0.02, ratio
+    assert idea["l0"] == pytest.approx(base["l0"], rel=0.05)
+    assert idea["cofiring_cos"] == pytest.approx(base["cofiring_cos"], rel=0.05), (idea, base)
+
+
+def test_temporal_acts_but_does_not_raise_adjacent_stability_at_the_defaults(worlds, tmp_path):
+    """A measured negative result: on the temporal world (d 64, F = d = 64) temporal's term acts
+    (gradient share 0.9x the L1 term's at the end) and makes the code sparser (L0 11.4 against
+    13.0), but adjacent tokens do not share more latents: Jaccard 0.488 against `standard`'s 0.508.
+    benchmarks/SYNTH.md compares it at matched L0 and a working point."""
+    idea, base, ratio = defaults_against_standard(worlds / "temporal", "temporal", tmp_path)
+    assert 0.1 < ratio < 10, ratio
+    assert idea["l0"] < base["l0"], (idea, base)
+    assert idea["jaccard"] <= 1.02 * base["jaccard"], (idea, base)
 
 
 def test_freq_weighting_changes_the_code_at_the_defaults(worlds, tmp_path):

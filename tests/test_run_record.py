@@ -105,7 +105,8 @@ def test_resume_refuses_a_v1_run_folder_with_other_settings(tmp_path, capsys):
     shutil.copy(DATA / "run_config_v1.json", out / runs.CONFIG)
     other = args(cache, out, "--steps", str(V1_STEPS), "--resume", "--set", "lambda=0.5")
     assert train.main(other) == 2
-    assert "differs in hparams.lambda" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "differs in hparams.lambda" in err and "rerun with --set lambda=0.003 " in err
     assert (out / runs.CONFIG).read_text() == (DATA / "run_config_v1.json").read_text()
 
 
@@ -119,3 +120,15 @@ def test_export_accepts_a_v1_run_folder(v1_run, tmp_path):
     out = export_run(v1_run, tmp_path / "export")
     exported = json.loads((out / "cfg.json").read_text())
     assert exported["d_sae"] == 64 and exported["d_in"] == 16
+
+
+def test_hyper_parameters_added_since_v1_leave_the_hash_at_their_old_value():
+    """A run recorded before `encoder_init_scale` existed was trained with the old init: the
+    entry at that value hashes as the file without it, and any other value is a new experiment."""
+    old = frozen()
+    at_old_value = {**old, "hparams": {**old["hparams"], "encoder_init_scale": None}}
+    other_value = {**old, "hparams": {**old["hparams"], "encoder_init_scale": 0.1}}
+    assert runs.config_hash(at_old_value) == old["config_hash"]
+    assert runs.config_hash(other_value) != old["config_hash"]
+    assert runs.differing_keys(old, at_old_value) == []
+    assert runs.differing_keys(old, other_value) == ["hparams.encoder_init_scale"]

@@ -90,7 +90,8 @@ def np_topk_loss_and_grads(p, x, dead_before, k, k_aux, alpha):
     h_aux = np.where(aux_keep, pre, 0.0)
     e = x - x_hat
     e_hat = h_aux @ p["W_dec"]
-    variance = np.sum((e - e.mean(0)) ** 2)
+    # AuxK in the units of the squared error: times the batch's variance of x per token
+    variance = np.sum((e - e.mean(0)) ** 2) / np.mean(np.sum((x - x.mean(0)) ** 2, axis=1))
     loss = np.mean(np.sum((x - x_hat) ** 2, axis=1)) + alpha * np.sum((e - e_hat) ** 2) / variance
     g_xhat = -2.0 / len(x) * (x - x_hat)
     g_ehat = -2.0 * alpha * (e - e_hat) / variance

@@ -64,7 +64,7 @@ def test_every_member_is_a_complete_run_folder_with_a_report(sweep):
         assert len(runs.MetricsLog(member / runs.METRICS).read()) == STEPS // 5
         assert (member / "plots" / "training_curves.png").exists()
     table = (sweep / "sweep.md").read_text()
-    assert all(name in table for name in MEMBERS) and "EV (SAEBench)" in table
+    assert all(name in table for name in MEMBERS) and "EV (1 - FVU)" in table
     assert (sweep / "pareto.png").stat().st_size > 10_000
     # the members differ: lambda and the seed reach the step
     a, b, c = (weights(sweep / name)["W_enc"] for name in MEMBERS[:3])

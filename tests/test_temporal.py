@@ -9,7 +9,13 @@ from jax_sae.model.variants import VARIANTS, VariantError, make_variant
 from tests.helpers import assert_close, relu_sae_gradients, train_briefly
 
 D, F, B = 16, 64, 48
-HP = {"lambda_1": 0.05, "lambda_2": 0.3, "beta": 3.0, "l_max_decay": 0.8}
+HP = {
+    "lambda_1": 0.05,
+    "lambda_2": 0.3,
+    "beta": 3.0,
+    "l_max_decay": 0.8,
+    "sparsity_warmup_steps": 0,
+}
 
 
 def random_params(seed: int) -> dict[str, np.ndarray]:
@@ -89,7 +95,7 @@ def np_gradients(p, x, ref) -> dict[str, np.ndarray]:
 
 def test_defaults_are_the_reference_ones_and_overridable():
     v = make_variant("temporal", d_in=2304, d_sae=VARIANTS["temporal"].suggested_d_sae(2304))
-    expected = {"lambda_1": 0.04, "lambda_2": 0.02, "beta": 5.0, "l_max_decay": 0.99, "lr": 3e-4}
+    expected = {"lambda_1": 3.0, "lambda_2": 1.5, "beta": 5.0, "l_max_decay": 0.99, "lr": 3e-4}
     assert {k: v.hparams[k] for k in expected} == expected
     assert v.hparams["gap_mode"] == "relative" and v.d_sae == 2304
     assert v.batch_keys == ("x", "x_prev", "seq_start")

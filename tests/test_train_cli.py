@@ -1,6 +1,8 @@
 """train.py end to end on a small synthetic cache: outputs, resume bit for bit, bad input."""
 
+import dataclasses
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -8,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -17,7 +21,11 @@ from jax_sae.data.cache import ActivationCache, CacheWriter
 from jax_sae.data.loader import Loader
 from jax_sae.training import TrainConfig
 from jax_sae.training.config import parse_overrides
+from jax_sae.training.engine import optimizer_for
+from jax_sae.training.loop import per_second
+from jax_sae.training.optim import make_optimizer
 from jax_sae.training.resolve import make_loader, open_cache, resolve_run
+from jax_sae.training.trainer import device_line
 from tests.helpers import poke_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,6 +271,42 @@ def test_bad_input_is_one_error_line_and_exit_2(cache, tmp_path, capsys, change,
     assert message in one_error_line(capsys)
 
 
+@pytest.mark.parametrize(
+    ("value", "parts"),
+    [
+        ("k=sixteen", ("hyper-parameter k must be", "got 'sixteen'")),
+        ("warmup_steps=abc", ("hyper-parameter warmup_steps must be", "got 'abc'")),
+        ("grad_clip_norm=abc", ("grad_clip_norm must be > 0 or None, got 'abc'; change it",)),
+        ("d_sae=512.5", ("d_sae must be a positive integer, got 512.5; e.g. --set d_sae=4096",)),
+        ("d_sae=abc", ("d_sae must be a positive integer, got 'abc'",)),
+        ("kk=3", ("unknown hyper-parameter 'kk' for variant 'topk' (did you mean 'k'?); valid:",)),
+        (
+            "d_sea=64",
+            ("unknown hyper-parameter 'd_sea' for variant 'topk' (did you mean 'd_sae'?)",),
+        ),
+    ],
+)
+def test_a_set_value_the_variant_cannot_take_is_one_error_line(
+    cache, tmp_path, capsys, value, parts
+):
+    """Values of the wrong type used to end in a TypeError traceback (adaptive defaults compared
+    them as numbers), d_sae=512.5 trained 512 latents, and a typo got no suggestion."""
+    out = tmp_path / "bad"
+    sets = ("d_sae=64", "k=4", value)
+    assert train.main(args(cache, out, "--steps", "3", variant="topk", sets=sets)) == 2
+    line = one_error_line(capsys)
+    assert all(part in line for part in parts), line
+    assert not (out / "config.json").exists()
+
+
+def test_an_integral_float_d_sae_is_that_integer(cache, tmp_path):
+    """As for every integer hyper-parameter: 128.0 (JSON) is 128."""
+    base = TrainConfig(cache=str(cache), layer=LAYER, variant="standard", batch_size=32)
+    loader = make_loader(base, open_cache(base))
+    run = resolve_run(base.replace(hparams={"d_sae": 128.0}), loader, tmp_path)
+    assert run.variant.d_sae == 128 and type(run.config.d_sae) is int
+
+
 def test_corrupted_cache_is_refused(cache, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(cache, broken)
@@ -295,3 +339,167 @@ def test_dense_hparam_selects_the_dense_reference_path(cache, tmp_path):
     dense = resolve_run(base.replace(hparams={**base.hparams, "dense": True}), loader, tmp_path)
     assert dense.variant.hparams["dense"] is True and dense.config.hparams["dense"] is True
     assert resolve_run(base, loader, tmp_path).variant.hparams["dense"] is False
+
+
+# ------------------------------------------------------------------ help and what a run prints
+
+HELP_SECTIONS = ("data options", "model options", "optimisation options", "run options")
+HELP_SECTIONS += ("scale options",)
+
+
+def read_help(text: str) -> tuple[list[str], list[str]]:
+    """--help's section headings, and its flags each with its help on one line; tyro draws the
+    sections as boxes on a UTF-8 stream and as a title over dashes otherwise."""
+    headings: list[str] = []
+    entries: list[str] = []
+    for line in text.splitlines():
+        body = line.rstrip().rstrip("│").rstrip()
+        if body.lstrip().startswith("│"):
+            body = body.lstrip()[1:]
+        inner = body.strip()
+        if re.fullmatch(r"[a-z ]*options", inner.strip("╭╮─ ")):
+            headings.append(inner.strip("╭╮─ "))
+            entries.append("")  # nothing continues across a heading
+        elif not headings or not inner or set(inner) <= set("╰╯─-"):
+            continue  # the description above the sections, or a frame
+        elif len(body) - len(body.lstrip()) <= 2:  # a flag; its help goes on indented
+            entries.append(inner)
+        elif entries and entries[-1]:
+            entries[-1] += " " + inner
+    return headings, [entry for entry in entries if entry]
+
+
+def test_help_is_grouped_with_one_default_per_flag(monkeypatch, capsys):
+    """It was 104 lines of `{None}|STR` with doubled defaults ("(default: --tokens /
+    --batch-size) (default: None)") and references to internal names."""
+    monkeypatch.setenv("COLUMNS", "80")
+    assert train.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "{None}" not in text and "TrainConfig" not in text and "jax.sharding" not in text
+    headings, entries = read_help(text)
+    assert headings == ["options", *HELP_SECTIONS]
+    assert len(text.splitlines()) <= 80, len(text.splitlines())
+    for entry in entries:
+        hints = entry.count("(default") + entry.count("(required)") + entry.count("(repeatable)")
+        assert hints <= 1, entry
+    flags = [entry.split()[0].rstrip(",") for entry in entries]
+    expected = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)]
+    expected = [flag for flag in expected if flag != "--hparams"]
+    expected += ["--set", "--config", "--help-variant", "-h"]
+    assert sorted(flags) == sorted(expected)  # every flag once, under its own name
+    entry = {flag: e for flag, e in zip(flags, entries, strict=True)}
+    assert entry["--steps"].endswith("(default: --tokens / --batch-size)")
+    assert entry["--cache"].endswith("(required)") and "(default" not in entry["--cache"]
+    assert entry["--batch-size"].endswith("(default: 2048)")
+
+
+def test_a_config_file_value_is_the_default_help_shows(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    file = tmp_path / "run.yaml"
+    file.write_text("layer: 3\nout: runs/x\n")
+    assert train.main(["--config", str(file), "--help"]) == 0
+    entry = {e.split()[0].rstrip(","): e for e in read_help(capsys.readouterr().out)[1]}
+    assert entry["--layer"].endswith("(default: 3)") and entry["--out"].endswith(
+        "(default: runs/x)"
+    )
+
+
+def test_every_flag_keeps_its_name_and_lands_in_the_config():
+    argv = ["--cache", "c", "--layer", "2", "--variant", "topk", "--set", "k=8", "--sweep"]
+    argv += ["seed=0,1", "--seed", "3", "--data-seed", "4", "--steps", "5", "--batch-size", "64"]
+    argv += ["--out", "o", "--resume", "--no-normalize", "--checkpoint-every", "7"]
+    argv += ["--log-every", "2", "--eval-tokens", "100", "--allow-incomplete", "--mesh", "data=1"]
+    argv += ["--diverge-loss-factor", "5", "--diverge-min-ev=-1", "--compute-dtype", "bfloat16"]
+    argv += ["--stream", "x", "--disk-budget", "1G", "--stream-window", "2", "--tensorboard"]
+    argv += ["--wandb", "p", "--help-variant", "topk"]
+    command = train.parse_command(argv)
+    assert command.set == ["k=8"] and command.help_variant == "topk"
+    assert command.train == TrainConfig(
+        cache="c", layer=2, variant="topk", sweep=["seed=0,1"], seed=3, data_seed=4, steps=5,
+        batch_size=64, out="o", resume=True, normalize=False, checkpoint_every=7, log_every=2,
+        eval_tokens=100, allow_incomplete=True, mesh="data=1", diverge_loss_factor=5.0,
+        diverge_min_ev=-1.0, compute_dtype="bfloat16", stream="x", disk_budget="1G",
+        stream_window=2, tensorboard=True, wandb="p",
+    )  # fmt: skip
+
+
+def test_a_run_prints_its_device_every_adapted_value_and_labelled_dead_fractions(
+    cache, tmp_path, capsys
+):
+    """A new user saw `lr 0.0001` in the help while the run used a learning rate scaled with
+    d_sae without a word, `dead` 0.076 in the bar and 0.102 at the end with no definition, and
+    tokens/s as 9.21e+04."""
+    out = tmp_path / "topk"
+    sets = ("d_sae=64", "warmup_steps=2")  # k and lr: the adapted defaults
+    assert train.main(args(cache, out, "--steps", "10", variant="topk", sets=sets)) == 0
+    err = capsys.readouterr().err
+    lines = err.replace("\r", "\n").splitlines()
+    device = [line for line in lines if line.startswith("training on ")]
+    assert len(device) == 1 and device[0].startswith("training on cpu (")
+    notes = [line for line in lines if line.startswith("default adapted: ")]
+    assert "default adapted: k 2: reference 320 x d_in 16 / 2304" in notes
+    (lr_note,) = [note for note in notes if note.startswith("default adapted: lr ")]
+    lr = json.loads((out / "config.json").read_text())["hparams"]["lr"]
+    assert lr_note.startswith(f"default adapted: lr {lr:.4g}: 2e-4 / sqrt(d_sae / 2^14)")
+    assert len(notes) == len(set(notes))  # each once
+    assert re.search(r"dead\(train\)=\d\.\d{3}, \d+(\.\d)?[kMG]? tok/s", err), err
+    assert "e+0" not in err
+    (done,) = [line for line in lines if line.startswith("done: ")]
+    assert re.search(r"dead \(held-out\) \d\.\d{3}", done) and " dead 0" not in done
+
+
+def test_tokens_per_second_reads_like_a_person_would_say_it():
+    assert [per_second(r) for r in (7, 850, 9210, 92100, 97340, 1.23e6)] == [
+        "7.0", "850", "9.2k", "92k", "97k", "1.2M"
+    ]  # fmt: skip
+
+
+def test_the_device_line_names_the_devices_a_run_uses():
+    devices = jax.devices()
+    line = device_line(None)
+    if devices[0].platform == "cpu":
+        assert line == (
+            "training on cpu (1 device)"
+            if len(devices) == 1
+            else f"training on cpu (1 of {len(devices)} devices)"
+        )
+    else:
+        assert line.startswith("training on 1") and devices[0].device_kind in line
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("adam_b1=1.0", "adam_b1 must be in [0, 1), got 1.0; change it with --set"),
+        ("adam_b2=-0.1", "adam_b2 must be in [0, 1), got -0.1"),
+        ("adam_eps=0", "adam_eps must be > 0, got 0.0"),
+    ],
+)
+def test_adam_settings_that_cannot_train_are_one_error_line(
+    cache, tmp_path, capsys, value, message
+):
+    out = tmp_path / "bad"
+    assert train.main(args(cache, out, "--steps", "3", sets=(*STANDARD_SETS, value))) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_adam_settings_reach_the_optimizer(cache, tmp_path):
+    base = TrainConfig(cache=str(cache), layer=LAYER, variant="standard", batch_size=32)
+    loader = make_loader(base, open_cache(base))
+    run = resolve_run(base.replace(hparams={"adam_b2": 0.5, "adam_eps": 0.1}), loader, tmp_path)
+    hp = run.variant.hparams
+    assert (hp["adam_b1"], hp["adam_b2"], hp["adam_eps"]) == (0.9, 0.5, 0.1)
+    assert run.config.hparams["adam_eps"] == 0.1
+    default = resolve_run(base, loader, tmp_path).variant.hparams
+    assert (default["adam_b1"], default["adam_b2"], default["adam_eps"]) == (0.9, 0.999, 1e-8)
+    params = {"b_enc": jnp.zeros(3)}
+    grads = {"b_enc": jnp.asarray([1e-3, 1.0, -2.0])}
+    got, _ = optimizer_for(hp, 10).update(grads, optimizer_for(hp, 10).init(params), params)
+    want_opt = make_optimizer(
+        lr=hp["lr"], warmup_steps=hp["warmup_steps"], total_steps=10, b2=0.5, eps=0.1
+    )
+    want, _ = want_opt.update(grads, want_opt.init(params), params)
+    np.testing.assert_allclose(got["b_enc"], want["b_enc"], rtol=1e-6)
+    plain_opt = make_optimizer(lr=hp["lr"], warmup_steps=hp["warmup_steps"], total_steps=10)
+    plain, _ = plain_opt.update(grads, plain_opt.init(params), params)
+    assert not np.allclose(got["b_enc"], plain["b_enc"])

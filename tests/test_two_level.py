@@ -58,7 +58,8 @@ def np_auxk(x, x_hat, pre, dead, w_dec, k):
         return 0.0
     e = x - x_hat
     h_aux = np.maximum(np_topk(np.where(dead, pre, -np.inf), k), 0)
-    return np.sum((e - h_aux @ w_dec) ** 2) / np.sum((e - e.mean(axis=0)) ** 2)
+    x_variance = np.mean(np.sum((x - x.mean(axis=0)) ** 2, axis=1))  # in squared-error units
+    return x_variance * np.sum((e - h_aux @ w_dec) ** 2) / np.sum((e - e.mean(axis=0)) ** 2)
 
 
 def test_defaults_hparams_and_export_info():

@@ -58,8 +58,8 @@ def test_unknown_hyperparameter_names_it_and_lists_the_valid_ones():
 @pytest.mark.parametrize(
     ("name", "hparams", "message"),
     [
-        ("topk", {"k": "many"}, "k must be int"),
-        ("topk", {"k": 2.5}, "k must be int"),
+        ("topk", {"k": "many"}, "k must be an integer"),
+        ("topk", {"k": 2.5}, "k must be an integer"),
         ("topk", {"k": D_SAE + 1}, "k=65 must be in"),
         ("topk", {"k_aux": 0}, "k_aux=0 must be in"),
         ("standard", {"recon": "l1"}, "recon='l1' is not one of squared, l2norm"),
@@ -87,10 +87,11 @@ def test_resolved_hyperparameters_hold_spec_defaults_and_are_json():
     assert standard["lambda"] == 3.0 and standard["lr"] == 3e-4
     assert standard["sparsity_warmup_steps"] == 1000 and standard["encoder_init_scale"] == 0.1
     assert make_variant("standard", 64, 1024).hparams["lr"] == pytest.approx(3e-4 * 6)
-    for name in ("temporal", "pair_ortho"):  # keep the template their coefficients were set for
+    for name in ("freq", "temporal", "pair_ortho"):  # standard plus one term: standard's base
         hparams = make_variant(name, 64, 1024).hparams
-        assert hparams["encoder_init_scale"] is None and hparams["sparsity_warmup_steps"] == 0
-        assert hparams["lr"] == 3e-4 and hparams.get("lambda", hparams.get("lambda_1")) == 0.04
+        assert hparams["encoder_init_scale"] == 0.1 and hparams["sparsity_warmup_steps"] == 1000
+        assert hparams["lr"] == pytest.approx(3e-4 * 6)
+        assert hparams.get("lambda", hparams.get("lambda_1")) == 3.0
     assert standard["warmup_steps"] == 1000 and standard["dead_tokens"] == 10_000_000
     assert standard["recon"] == "squared" and standard["lr_decay"] == "constant"
 
@@ -283,6 +284,9 @@ def test_describe_hparams_format_is_unchanged():
         "warmup_steps=1000",
         "lr_decay=constant (constant|cosine|linear)",
         "grad_clip_norm=None",
+        "adam_b1=0.9",
+        "adam_b2=0.999",
+        "adam_eps=1e-08",
         "recon=squared (squared|l2norm)",
         "dead_tokens=10000000",
         "dense=False",

@@ -245,6 +245,13 @@ class ReLUSAE(nn.Module):
         return {"architecture": cls.EXPORT_ARCHITECTURE}
 
     @classmethod
+    def inference_state(cls, state: State, stored: Mapping[str, np.ndarray]) -> State:
+        """The regulariser state that inference reads, given back from the arrays `export_info`
+        stored beside the weights (`stored`, by name), so a run read back from its folder
+        encodes as it did at the end of training. Unchanged here: `encode` reads no state."""
+        return state
+
+    @classmethod
     def export_form(cls, d_sae: int, hparams: Mapping[str, Any]) -> dict[str, Any]:
         """How the exporter writes this architecture, as plain JSON in `config.json` (the
         exporter never imports JAX): the SAELens architecture, each dictionary to unit-normalise
@@ -396,6 +403,19 @@ class BatchTopKSAE(TopKSAE):
         if state is None:
             return self.activate_train(pre)
         return jnp.where(pre > state["threshold"], jax.nn.relu(pre), 0.0)
+
+    @classmethod
+    def inference_state(cls, state: State, stored: Mapping[str, np.ndarray]) -> State:
+        """The learned threshold from its stored form (`export_info`: max(threshold, 0) per
+        latent). Exact for inference: before the threshold is set (< 0) `activate` is relu, and
+        relu keeps no pre-activation <= 0 either."""
+        if "threshold" not in stored:
+            raise ValueError(
+                "the stored weights lack the inference threshold (`threshold`) that BatchTopK "
+                "encodes with; resume the run to write its final weights again"
+            )
+        threshold = jnp.asarray(np.max(stored["threshold"]), jnp.float32)
+        return {**state, "threshold": threshold}
 
     @classmethod
     def export_info(cls, params, state, hparams) -> dict[str, Any]:

@@ -64,6 +64,7 @@ from jax_sae.model.losses.matryoshka import MatryoshkaReconstruction
 from jax_sae.model.losses.pair_ortho import PairOrthogonality
 from jax_sae.model.losses.temporal import TemporalConsistency
 from jax_sae.model.losses.two_level import ConceptAuxK
+from jax_sae.util.cli import did_you_mean
 
 # learning-rate schedules a variant may choose (`training.optim.make_schedule` builds them)
 DECAYS = ("constant", "cosine", "linear")
@@ -87,7 +88,15 @@ def unit_row_lr(d_in: int, d_sae: int) -> float:
 
 
 TRAINING_HPARAMS: Mapping[str, Any] = MappingProxyType(
-    {"lr": 3e-4, "warmup_steps": 1000, "lr_decay": "constant", "grad_clip_norm": None}
+    {
+        "lr": 3e-4,
+        "warmup_steps": 1000,
+        "lr_decay": "constant",
+        "grad_clip_norm": None,
+        "adam_b1": 0.9,
+        "adam_b2": 0.999,
+        "adam_eps": 1e-8,
+    }
 )
 """Per-variant training defaults; train.py passes them to `optim.make_optimizer`.
 `grad_clip_norm` (off): global gradient-norm clipping, as dictionary_learning and SAELens do (1.0);
@@ -98,6 +107,9 @@ TRAINING_HPARAM_DOCS: Mapping[str, str] = MappingProxyType(
         "warmup_steps": "steps of linear learning-rate warm-up (lr / warmup_steps to lr); 0: none",
         "lr_decay": "after the warm-up: constant lr, or cosine/linear decay to 0 at the last step",
         "grad_clip_norm": "clip the gradient to this global L2 norm before Adam; None: no clipping",
+        "adam_b1": "Adam's decay rate of the first moment (mean gradient), in [0, 1)",
+        "adam_b2": "Adam's decay rate of the second moment (mean squared gradient), in [0, 1)",
+        "adam_eps": "added to the root of Adam's second moment before dividing by it; > 0",
     }
 )
 """One help line per key of `TRAINING_HPARAMS` (`hparam_help`)."""
@@ -124,12 +136,6 @@ class VariantSpec:
     def suggested_d_sae(self, d_in: int) -> int:
         return d_in if self.default_d_sae is None else self.default_d_sae
 
-
-TEMPLATE_RELU: Mapping[str, Any] = MappingProxyType(
-    {"encoder_init_scale": None, "sparsity_warmup_steps": 0}
-)
-"""The reference template's ReLU init and an L1 coefficient without warm-up, which `temporal` and
-`pair_ortho` keep with their lambda 0.04: their own coefficients were calibrated against it."""
 
 VARIANTS: dict[str, VariantSpec] = {
     "standard": VariantSpec(
@@ -175,8 +181,8 @@ VARIANTS: dict[str, VariantSpec] = {
     ),
     "temporal": VariantSpec(
         ReLUSAE,
-        (L1Penalty("lambda_1", 0.04), TemporalConsistency()),
-        defaults=TEMPLATE_RELU,
+        (L1Penalty("lambda_1"), TemporalConsistency()),
+        defaults={"lr": unit_row_lr},
         default_layer=19,
         batch_keys=("x", "x_prev", "seq_start"),
         description="ReLU SAE + L1 + adaptive consistency with the previous token",
@@ -190,8 +196,8 @@ VARIANTS: dict[str, VariantSpec] = {
     ),
     "pair_ortho": VariantSpec(
         ReLUSAE,
-        (L1Penalty(default=0.04), PairOrthogonality()),
-        defaults=TEMPLATE_RELU,
+        (L1Penalty(), PairOrthogonality()),
+        defaults={"lr": unit_row_lr},
         default_layer=19,
         description="ReLU SAE + L1 + orthogonality of the top co-activating pairs",
     ),
@@ -203,6 +209,16 @@ VARIANTS: dict[str, VariantSpec] = {
         description="concept TopK gating base TopK latents, AuxK on both levels",
     ),
 }
+
+
+TYPE_WORDS: dict[type, str] = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    tuple: "a list",
+}
+"""How a hyper-parameter's type reads in an error (`_coerce`)."""
 
 
 def _coerce(variant: str, name: str, value: Any, default: Any, nullable: bool) -> Any:
@@ -221,9 +237,8 @@ def _coerce(variant: str, name: str, value: Any, default: Any, nullable: bool) -
         return float(value)
     if type(default) is int and numeric and float(value).is_integer():
         return int(value)
-    raise VariantError(
-        f"{variant}: hyper-parameter {name} must be {type(default).__name__}, got {value!r}"
-    )
+    expected = TYPE_WORDS.get(type(default), type(default).__name__)
+    raise VariantError(f"{variant}: hyper-parameter {name} must be {expected}, got {value!r}")
 
 
 def hparam_choices(spec: VariantSpec) -> dict[str, tuple[str, ...]]:
@@ -248,7 +263,8 @@ def resolve_hparams(
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise VariantError(
-            f"unknown hyper-parameter {unknown[0]!r} for variant {name!r}; "
+            f"unknown hyper-parameter {unknown[0]!r} for variant {name!r}"
+            f"{did_you_mean(unknown[0], [*defaults, 'd_sae'])}; "
             f"valid: {', '.join(sorted(defaults))}"
         )
     hparams = {}

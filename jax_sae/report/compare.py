@@ -6,17 +6,19 @@ Reads each run folder written by train.py (`config.json`, `final_info.json`, `me
 `jax_sae.report.runs`) and writes to DIR (default `runs/compare`):
 
 * `comparison.md`  - one row per run: variant, the hyper-parameters that differ between runs that
-  have them, L0, explained variance under SAEBench's definition ("EV (SAEBench)", held-out fast
-  evaluation, see jax_sae/report/evaluate.py), FVU = 1 - our pooled explained variance ("FVU
-  (pooled)"), MSE per token, dead fraction, final training loss, and the headline SAEBench and
-  synthetic-world
-  metrics of runs that have them. A run without a fast evaluation shows its last logged training
-  interval instead (`metrics_from` "train"), its explained variance in its own column, "EV (train
-  batches)", never under the held-out header;
+  have them (3 significant digits: `lr=0.00113`), L0, the explained variance "EV (1 - FVU)" =
+  1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2 on the held-out tokens (fast
+  evaluation, jax_sae/report/evaluate.py), MSE per token, dead fraction, final training loss, and
+  the SAEBench and synthetic-world metrics of runs that have them; beside SAEBench's own numbers,
+  "EV (SAEBench formula)", SAEBench's explained-variance formula on the same held-out tokens
+  (it exceeds 1 on large activations: not a headline). A run without a fast evaluation shows its
+  last logged training interval instead (`metrics_from` "train"), its explained variance in its
+  own column, "EV (train batches)", never under the held-out header;
 * `comparison.json` - the same rows, machine-readable;
-* `comparison.png` - the training curves overlaid;
+* `comparison.png` - the training curves overlaid, one legend below them;
 * `pareto.png`     - L0 (log) against each quality metric, one colour per variant, the variant's
-  Pareto frontier as a step line (`pareto_panels` says which panels).
+  Pareto frontier as a step line, the runs named beside their points where there is room
+  (`pareto_panels` says which panels).
 
 Runs of different caches measure different data: they are refused. Runs that differ in training
 tokens, input normalisation, layer or held-out evaluation tokens (`CONSISTENCY_KEYS`) are refused
@@ -41,11 +43,16 @@ from jax_sae.util.files import DamagedFileError
 
 FAST_METRICS = {
     "l0": "l0",
-    "ev_saebench": "explained_variance",
+    "ev": "explained_variance_pooled",
     "mse": "mse_per_token",
     "dead_frac": "dead_frac",
 }
-"""Table column -> key in the fast evaluation (definitions: jax_sae/report/evaluate.py)."""
+"""Table column -> key in the fast evaluation (definitions: jax_sae/report/evaluate.py). The
+explained variance is read under the name every run has had for 1 - FVU."""
+SAEBENCH_FORMULA_KEYS = ("explained_variance_saebench", "explained_variance")
+"""Where the fast evaluation holds SAEBench's explained-variance formula: its own name, or, in
+runs evaluated before the headline became 1 - FVU (no `explained_variance_saebench`), the plain
+name."""
 TRAIN_METRICS = {
     "l0": "l0",
     "ev_train_batches": "explained_variance",
@@ -54,7 +61,7 @@ TRAIN_METRICS = {
 }
 """Fallback without a fast evaluation: the last logged training interval. Its explained variance
 is pooled per training batch, another definition: it gets its own column."""
-MEASURES = ("l0", "ev_saebench", "ev_train_batches", "fvu_pooled", "mse", "dead_frac")
+MEASURES = ("l0", "ev", "ev_train_batches", "mse", "dead_frac")
 SAEBENCH_COLUMNS = {
     "ce_loss_score": ("core evaluation results", "ce_loss_score"),
     "kl_div_score": ("core evaluation results", "kl_div_score"),
@@ -77,27 +84,31 @@ SYNTHETIC_COLUMNS = {
 """Column -> path of the metric inside the synthetic results (MCC is the headline)."""
 HEADERS = {
     "l0": "L0",
-    "ev_saebench": "EV (SAEBench)",
+    "ev": "EV (1 - FVU)",
     "ev_train_batches": "EV (train batches)",
-    "fvu_pooled": "FVU (pooled)",
+    "ev_saebench_formula": "EV (SAEBench formula)",
     "core_explained_variance": "EV (SAEBench core)",
     "synth_mcc": "MCC (synthetic)",
     "synth_absorption": "absorption (synthetic)",
 }
 """Markdown headers of the columns whose key alone does not say which definition they use."""
 DEFINITIONS = (
-    "EV (SAEBench): SAEBench core's explained variance, computed on held-out cached tokens "
-    "(jax_sae/report/evaluate.py). FVU (pooled) = 1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - "
-    "mean(x)||^2 on the same tokens. EV (train batches): the last logged training interval, for "
-    "runs without a fast evaluation.\n"
+    "EV (1 - FVU) = 1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2 on held-out cached "
+    "tokens (jax_sae/report/evaluate.py): at most 1, 0 for predicting the mean. EV (train "
+    "batches): the same on the last logged training interval, for runs without a fast "
+    "evaluation. EV (SAEBench formula): SAEBench core's 1 - mean_t ||x_t - x_hat_t||^2 / (M - "
+    "(M/d)^2), M = mean_t ||x_t||^2, on the same held-out tokens; it exceeds 1 when activations "
+    "are large, so it is not the headline. EV (SAEBench core): SAEBench's own run of it.\n"
 )
 CONSISTENCY_KEYS = ("tokens", "normalize", "layer", "eval_tokens")
 """config.json entries that must agree for runs to be compared like for like."""
 CURVES = (
     ("loss", "training loss", "log"),
-    ("l0", "L0", "linear"),
-    ("explained_variance", "EV (train batches)", "linear"),
+    ("l0", "L0", "auto"),
+    ("explained_variance", "EV (train batches)", "ev"),
 )
+"""comparison.png: (metrics.jsonl key, y label, y scale: log where positive, auto = log where
+positive and spanning more than a decade, ev = explained-variance axis)."""
 
 
 class ParetoPanel(NamedTuple):
@@ -109,22 +120,21 @@ class ParetoPanel(NamedTuple):
     y_label: str
     higher_is_better: bool = True
     optional: bool = True
-    log_y: bool = False
+    explained_variance: bool = False  # y from max(lowest, EV_FLOOR) up; lower points on the floor
 
 
 PANELS = (
     ParetoPanel(
-        "l0", "ev_saebench", "L0", "explained variance (SAEBench definition)", optional=False
+        "l0", "ev", "L0", "explained variance (1 - FVU)", optional=False, explained_variance=True
     ),
-    ParetoPanel("l0", "ev_train_batches", "L0 (training)", "EV (train batches)"),
     ParetoPanel(
-        "l0", "fvu_pooled", "L0", "FVU (pooled)", higher_is_better=False, optional=False, log_y=True
+        "l0", "ev_train_batches", "L0 (training)", "EV (train batches)", explained_variance=True
     ),
     ParetoPanel("core_l0", "ce_loss_score", "L0 (SAEBench core)", "CE loss score (SAEBench core)"),
     ParetoPanel("l0", "synth_mcc", "L0", "MCC (synthetic world)"),
 )
 """Every panel pareto.png can have; an optional one only appears when some run has its metric.
-FVU spans decades across a sparsity sweep: log scale where all values are positive."""
+FVU = 1 - EV would say the same as the EV panel: it has none of its own."""
 LABEL_POINTS_UP_TO = 10
 """Runs named next to their points when there are at most this many (more would overlap)."""
 MARKERS = "osD^vP*Xph"
@@ -288,10 +298,10 @@ def measures(run: dict) -> dict[str, Any]:
     source, keys = (fast, FAST_METRICS) if fast else (last, TRAIN_METRICS)
     row: dict[str, Any] = dict.fromkeys(MEASURES)
     row |= {column: source.get(key) for column, key in keys.items()}
-    pooled = fast.get("explained_variance_pooled")
-    row["fvu_pooled"] = None if pooled is None else 1.0 - pooled
     row["metrics_from"] = "held-out" if fast else "train"
     row["final_loss"] = run["final_info"].get("final_loss", last.get("loss"))
+    formula = next((key for key in SAEBENCH_FORMULA_KEYS if key in fast), None)
+    row["ev_saebench_formula"] = None if formula is None else fast[formula]
     for column, (key, metric) in SAEBENCH_COLUMNS.items():
         row[column] = saebench_metric(run["results"], key, metric)
     synthetic = run["results"].get(SYNTHETIC_KEY, {})
@@ -300,13 +310,34 @@ def measures(run: dict) -> dict[str, Any]:
     return row
 
 
+SIGNIFICANT_DIGITS = 3
+"""Hyper-parameter values in tables: `lr=0.00113`, not `lr=0.001131370849898476`."""
+
+
+def setting_text(value: Any, digits: int = SIGNIFICANT_DIGITS) -> str:
+    """A hyper-parameter value as a table shows it: floats to `digits` significant digits (plain
+    up to 1e6: 1230, 0.00113, 1.13e-05), integers, strings and booleans as they are, lists item by
+    item."""
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        shown = f"{value:.{digits}g}"
+        if "e+" in shown and abs(value) < 1e6:  # 1.23e+03 -> 1230
+            shown = f"{round(value, digits - 1 - math.floor(math.log10(abs(value)))):.0f}"
+        return shown
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(setting_text(item, digits) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {setting_text(v, digits)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
 def summarise(run: dict, differing: list[str], flags: dict[str, str]) -> dict[str, Any]:
     """One row of comparison.md."""
     settings = run["config"].get("hparams", {}) | _sizes(run["config"])
+    shown = [f"{k}={setting_text(settings[k])}" for k in differing if k in settings]
     return {
         "run": run["name"],
         "variant": run["config"].get("variant"),
-        "hparams": ", ".join(f"{k}={settings[k]}" for k in differing if k in settings) or None,
+        "hparams": ", ".join(shown) or None,
         "mismatch": flags.get(run["name"]),
         **measures(run),
     }
@@ -328,7 +359,7 @@ def sweep_row(run: dict, flags: dict[str, str]) -> dict[str, Any]:
         "run": run["name"],
         "diverged": "yes" if diverged_reason(run) else None,
         "variant": run["config"].get("variant"),
-        **swept,
+        **{key: setting_text(value) for key, value in swept.items()},
         "mismatch": flags.get(run["name"]),
         **measures(run),
     }
@@ -383,7 +414,7 @@ def _plottable(row: dict, panel: ParetoPanel) -> bool:
 
 
 def pareto_panels(rows: list[dict]) -> list[ParetoPanel]:
-    """The panels of pareto.png: EV (SAEBench) and FVU (pooled) always, the optional ones
+    """The panels of pareto.png: EV (1 - FVU) always, the optional ones
     (training-batch EV, SAEBench CE loss score, synthetic MCC) where some run has a point."""
     return [p for p in PANELS if not p.optional or any(_plottable(r, p) for r in rows)]
 
@@ -393,69 +424,80 @@ def _variant_styles(rows: list[dict]) -> dict[Any, tuple[str, str]]:
     return {v: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, v in enumerate(variants)}
 
 
-def _plain_log_ticks(axis: Any, values: list[float]) -> None:
-    """Log-axis ticks as plain numbers (20, 0.3; not 2x10^1, 3e-01): 1-2-5 per decade, every
-    digit when the values span less than a decade, evenly spaced when less than a factor 2."""
-    from matplotlib import ticker
-
-    low, high = min(values), max(values)
-    if high < 2 * low:  # too narrow for any log ticks: a few evenly spaced ones
-        axis.set_major_locator(ticker.MaxNLocator(4))
-    else:
-        subs = tuple(range(1, 10)) if high < 10 * low else (1.0, 2.0, 5.0)
-        axis.set_major_locator(ticker.LogLocator(subs=subs))
-    axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-    axis.set_minor_formatter(ticker.NullFormatter())
+PARETO_DPI = 200
+CURVES_DPI = 120
+LINESTYLES = ("-", "--", ":", "-.")
+"""Line styles after the ten colours are used up (run i: colour i % 10, style i // 10)."""
 
 
-def _draw_panel(ax: Any, panel: ParetoPanel, rows: list[dict], styles: dict) -> None:
-    """Each run as a point (hollow when mismatched), each variant's frontier as a step line."""
+def _draw_panel(
+    ax: Any, panel: ParetoPanel, rows: list[dict], styles: dict
+) -> list[tuple[float, float, str]]:
+    """Each run as a point (hollow when mismatched), each variant's frontier as a step line.
+    Returns (x, y, name) of each point as drawn, for `figures.place_point_labels`. On an
+    explained-variance panel a run below `figures.EV_FLOOR` is drawn in a band under a dotted line
+    at the floor (y tick "< floor") and its name carries its value."""
+    from jax_sae.report import figures
+
     sign = 1.0 if panel.higher_is_better else -1.0
     drawn = [r for r in rows if _plottable(r, panel)]
+    band = (
+        _explained_variance_axis(ax, [r[panel.y] for r in drawn])
+        if panel.explained_variance
+        else None
+    )
+    points = []
     for variant, (colour, marker) in styles.items():
         mine = [r for r in drawn if r["variant"] == variant]
         if not mine:
             continue
         xs, ys = [r[panel.x] for r in mine], [r[panel.y] for r in mine]
+        shown = [y if band is None or y >= figures.EV_FLOOR else band for y in ys]
         faces = ["none" if r.get("mismatch") else colour for r in mine]
-        ax.scatter(xs, ys, marker=marker, s=36, zorder=3, facecolors=faces, edgecolors=colour)
-        if len(rows) <= LABEL_POINTS_UP_TO:
-            for row, x, y in zip(mine, xs, ys, strict=True):
-                ax.annotate(
-                    row["run"], (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7
-                )
+        ax.scatter(xs, shown, marker=marker, s=36, zorder=3, facecolors=faces, edgecolors=colour)
+        for row, x, y, at in zip(mine, xs, ys, shown, strict=True):
+            points.append((x, at, row["run"] if at == y else f"{row['run']} ({y:.3g})"))
         front = pareto_front([(x, sign * y) for x, y in zip(xs, ys, strict=True)])
         if len(front) > 1:
-            fx, fy = [xs[i] for i in front], [ys[i] for i in front]
+            fx, fy = [xs[i] for i in front], [shown[i] for i in front]
             ax.step(fx, fy, where="post", color=colour, linewidth=1.3, alpha=0.8, zorder=2)
     ax.set(xscale="log", xlabel=f"{panel.x_label} (log)", ylabel=panel.y_label)
-    if drawn:
-        _plain_log_ticks(ax.xaxis, [r[panel.x] for r in drawn])
-    if drawn and panel.log_y and min(r[panel.y] for r in drawn) > 0:
-        ax.set_yscale("log")
-        _plain_log_ticks(ax.yaxis, [r[panel.y] for r in drawn])
+    figures.readable_log_axis(ax.xaxis)
     better = "higher" if panel.higher_is_better else "lower"
     ax.set_title(f"{better} is better", fontsize=9)
     ax.grid(alpha=0.3, which="both", linewidth=0.5)
     if not drawn:
         ax.text(0.5, 0.5, "no run has this metric", ha="center", transform=ax.transAxes)
+    return points
 
 
-def pareto_plot(rows: list[dict], path: Path, title: str) -> Path:
-    """L0 (log) against each panel's metric, per variant, with its Pareto frontier."""
-    import matplotlib
+def _explained_variance_axis(ax: Any, values: list[float]) -> float | None:
+    """y limits from max(lowest, EV_FLOOR) to the highest value (at most 1); with values below
+    the floor, a band under it for them: returns the band's y (None without such values)."""
+    from matplotlib import ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from jax_sae.report import figures
+
+    low, high = figures.ev_limits(values, top=None)
+    if not values or min(values) >= figures.EV_FLOOR:
+        ax.set_ylim(low, high)
+        return None
+    span = high - figures.EV_FLOOR
+    band = figures.EV_FLOOR - 0.08 * span
+    ax.set_ylim(figures.EV_FLOOR - 0.14 * span, high)
+    ax.axhline(figures.EV_FLOOR, color="0.5", linestyle=":", linewidth=0.8, zorder=1)
+    ticks = list(ticker.MaxNLocator(5).tick_values(figures.EV_FLOOR, high))
+    ticks = [t for t in ticks if figures.EV_FLOOR - 1e-9 <= t <= high]
+    ax.yaxis.set_major_locator(ticker.FixedLocator([band, *ticks]))
+    ax.yaxis.set_major_formatter(
+        ticker.FuncFormatter(lambda v, _: f"< {figures.EV_FLOOR:g}" if v == band else f"{v:g}")
+    )
+    return band
+
+
+def _variant_legend(fig: Any, rows: list[dict], styles: dict) -> None:
     from matplotlib.lines import Line2D
 
-    panels = pareto_panels(rows)
-    styles = _variant_styles(rows)
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(4.2 * len(panels) + 1.6, 3.8), layout="constrained", squeeze=False
-    )
-    for ax, panel in zip(axes[0], panels, strict=True):
-        _draw_panel(ax, panel, rows, styles)
     handles = [
         Line2D([], [], color=c, marker=m, label=str(variant)) for variant, (c, m) in styles.items()
     ]
@@ -473,38 +515,129 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> Path:
         )
     fig.legend(
         handles=handles,
-        loc="outside right upper",
+        loc="outside lower center",
+        ncol=min(len(handles), 6),
         fontsize=8,
-        title="variant (line: Pareto frontier)",
+        title="variant (line: its Pareto frontier)",
+        title_fontsize=8,
+        frameon=False,
     )
-    fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=200)
-    plt.close(fig)
-    return path
 
 
-def curves_plot(loaded: list[dict], out: Path) -> Path:
-    """The training curves of every run overlaid: comparison.png."""
+def _wrapped(title: str, width_in: float, fontsize: float) -> str:
+    """`title` broken into lines that fit `width_in` inches at `fontsize`."""
+    import textwrap
+
+    limit = max(20, int(width_in * 72 / (0.62 * fontsize)))
+    return textwrap.fill(title, limit, break_on_hyphens=False)
+
+
+def pareto_figure(rows: list[dict], title: str) -> Any:
+    """L0 (log) against each panel's metric, per variant, with its Pareto frontier; the runs are
+    named beside their points (up to `LABEL_POINTS_UP_TO` runs, where there is room). Returns the
+    matplotlib figure (Agg), not yet saved."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
+    from jax_sae.report import figures
+
+    panels = pareto_panels(rows)
+    styles = _variant_styles(rows)
+    width = max(4.4 * len(panels) + 0.4, 6.0)
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(width, 4.6),
+        layout="constrained",
+        squeeze=False,
+        dpi=PARETO_DPI,
+    )
+    points = [_draw_panel(ax, p, rows, styles) for ax, p in zip(axes[0], panels, strict=True)]
+    _variant_legend(fig, rows, styles)
+    fig.suptitle(_wrapped(title, width, 10), fontsize=10)
+    figures.freeze_layout(fig)
+    if len(rows) <= LABEL_POINTS_UP_TO:
+        for ax, mine in zip(axes[0], points, strict=True):
+            figures.place_point_labels(ax, mine)
+    return fig
+
+
+def pareto_plot(rows: list[dict], path: Path, title: str) -> Path:
+    """`pareto_figure` saved to `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(rows, title)
+    fig.savefig(path, dpi=PARETO_DPI)
+    plt.close(fig)
+    return path
+
+
+def curves_figure(loaded: list[dict]) -> Any:
+    """The training curves of every run overlaid (comparison.png), one legend below: loss and L0
+    on log scales where the values allow, the training-batch explained variance from
+    max(lowest, EV_FLOOR) to 1. Returns the matplotlib figure (Agg), not yet saved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    from jax_sae.report import figures
+
+    width = 4.5 * len(CURVES)
+    names = [run["name"] for run in loaded]
+    column_pt = 0.6 * 8 * max(len(name) for name in names) + 36
+    ncol = max(1, min(len(names), int(width * 72 // column_pt)))
+    legend_in = 0.25 * -(-len(names) // ncol)
+    fig, axes = plt.subplots(
+        1, len(CURVES), figsize=(width, 3.6 + legend_in), layout="constrained", dpi=CURVES_DPI
+    )
+    lines: dict[str, Any] = {}
     for ax, (key, label, scale) in zip(axes, CURVES, strict=True):
-        for run in loaded:
-            points = [(r["tokens"], r[key]) for r in run["records"] if key in r and "tokens" in r]
+        values: list[float] = []
+        for i, run in enumerate(loaded):
+            points = [
+                (r["tokens"], r[key])
+                for r in run["records"]
+                if isinstance(r.get(key), int | float) and math.isfinite(r[key]) and "tokens" in r
+            ]
             if points:
-                tokens, values = zip(*points, strict=True)
-                ax.plot(tokens, values, label=run["name"])
-        positive = all(v > 0 for line in ax.get_lines() for v in line.get_ydata())
-        ax.set(xlabel="training tokens", ylabel=label, yscale=scale if positive else "linear")
+                tokens, ys = zip(*points, strict=True)
+                style = {"color": f"C{i % 10}", "linestyle": LINESTYLES[i // 10 % len(LINESTYLES)]}
+                lines[run["name"]] = ax.plot(tokens, ys, linewidth=1.2, **style)[0]
+                values += ys
+        ax.set(xlabel="training tokens", ylabel=label)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(6, steps=[1, 2, 2.5, 5, 10]))
+        ax.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))
         ax.grid(alpha=0.3)
-        if ax.get_lines():
-            ax.legend(fontsize=7)
-    fig.tight_layout()
+        if not values:
+            ax.text(0.5, 0.5, "no run logged this", ha="center", transform=ax.transAxes)
+        elif scale == "ev":
+            figures.show_explained_variance(ax, values)
+        elif min(values) > 0 and (scale == "log" or max(values) > 10 * min(values)):
+            ax.set_yscale("log")
+            figures.readable_log_axis(ax.yaxis)
+    ordered = [name for name in names if name in lines]
+    fig.legend(
+        [lines[name] for name in ordered],
+        ordered,
+        loc="outside lower center",
+        ncol=ncol,
+        fontsize=8,
+        frameon=False,
+    )
+    return fig
+
+
+def curves_plot(loaded: list[dict], out: Path) -> Path:
+    """`curves_figure` saved as `out/comparison.png`."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(loaded)
     path = out / "comparison.png"
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=CURVES_DPI)
     plt.close(fig)
     return path
 

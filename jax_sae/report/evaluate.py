@@ -5,16 +5,23 @@ normalisation folded into the weights: x_hat_raw = x_hat(s x) / s, codes h / s),
 are comparable with SAEBench's core eval of the exported SAE on the same tokens.
 
 Definitions follow SAEBench 0.6.0 ``evals/core/main.py`` key for key, including its quirks, with
-our own unambiguous versions next to them. Tokens are processed in consecutive batches of
+our own unambiguous versions next to them, except for the explained variance: ours,
+``explained_variance``, is 1 - FVU as researchers read it, and SAEBench's is
+``explained_variance_saebench``. Tokens are processed in consecutive batches of
 ``EVAL_BATCH`` = 2048 (SAEBench's 16 prompts x 128 tokens), the batch-dependent quirks use these
 batches, and means over tokens weight every token alike (SAEBench averages per-batch means: the
 same for equal batches). ``rss_t = ||x_t - x_hat_t||^2``.
 
 ==================================  ==========================================================
-``explained_variance``              SAEBench: ``1 - mean_t rss_t / (M - (M / d)^2)``, M = mean_t
-                                    ||x_t||^2 (their formula; not the variance about the mean)
+``explained_variance``              the headline: ``1 - FVU = 1 - sum_t rss_t / sum_t ||x_t -
+                                    mean(x)||^2``, at most 1, 0 for predicting the mean
+``explained_variance_pooled``       the same number, under the name older runs hold it by and
+                                    the divergence rule reads
+``explained_variance_saebench``     SAEBench's ``explained_variance``: ``1 - mean_t rss_t / (M -
+                                    (M / d)^2)``, M = mean_t ||x_t||^2 (their formula; not the
+                                    variance about the mean, and above 1 wherever M > d^2: see
+                                    below)
 ``explained_variance_legacy``       SAEBench: mean_t of ``1 - rss_t / ||x_t - mean_batch(x)||^2``
-``explained_variance_pooled``       ours: ``1 - sum_t rss_t / sum_t ||x_t - mean(x)||^2`` (1 - FVU)
 ``mse``                             SAEBench: mean_t of ``rss_t / n_batch`` (sic)
 ``mse_per_token``                   ours: mean_t rss_t (the training loss's reconstruction term)
 ``cossim``                          mean_t cos(x_t, x_hat_t) (0 where x_hat_t = 0; SAEBench: NaN)
@@ -28,6 +35,12 @@ same for equal batches). ``rss_t = ||x_t - x_hat_t||^2``.
                                     ``dense_frac`` = freq_over_10_percent
 ``normalized_freq_over_1/10_pct``   share of all firings made by those latents
 ==================================  ==========================================================
+
+Why SAEBench's formula is not the headline: its denominator ``M - (M / d)^2`` is not the
+variance about the mean, and it depends on the scale of the activations. Scaling x by c scales
+``M`` by c^2 but ``(M / d)^2`` by c^4: as ``M`` nears d^2 the denominator nears 0 and the value
+plunges; beyond, the denominator is negative and the value exceeds 1 (a TopK run on a cache at 5x
+scale: 1.066 while 1 - FVU was 0.57). ``1 - FVU`` does not depend on the scale of x.
 """
 
 from __future__ import annotations
@@ -115,9 +128,11 @@ class MetricTotals:
             return density[density > threshold].sum() / total if total else 0.0
 
         metrics = {
-            "explained_variance": 1 - (s["rss"] / n) / (mean_sq_norm - (mean_sq_norm / d) ** 2),
-            "explained_variance_legacy": s["ev_legacy"] / n,
+            "explained_variance": 1 - s["rss"] / pooled_var,
             "explained_variance_pooled": 1 - s["rss"] / pooled_var,
+            "explained_variance_saebench": 1
+            - (s["rss"] / n) / (mean_sq_norm - (mean_sq_norm / d) ** 2),
+            "explained_variance_legacy": s["ev_legacy"] / n,
             "mse": s["mse_saebench"] / n,
             "mse_per_token": s["rss"] / n,
             "cossim": s["cossim"] / n,

@@ -27,9 +27,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
-from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.ticker import EngFormatter, MaxNLocator  # noqa: E402
 
 from jax_sae.model.losses import freq  # noqa: E402
+from jax_sae.report import figures  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class CurvePanel:
     yscale: str  # "log" or "linear"
     series: dict[str, tuple[np.ndarray, np.ndarray]]
     legend: bool  # the line names say something the title does not (several lines, or term names)
+    explained_variance: bool = False  # y from max(lowest, figures.EV_FLOOR) to 1
 
 
 def is_number(value: Any) -> bool:
@@ -120,8 +122,8 @@ def curve_panels(records: list[dict]) -> list[CurvePanel]:
         ("dead fraction", "fraction of latents", "linear", {"dead": "dead_frac"}),
         (
             "explained variance (training batches)",
-            "fraction of variance",
-            "linear",
+            "1 - FVU",
+            "ev",
             {"explained variance": "explained_variance"},
         ),
         ("learning rate schedule", "learning rate", "linear", {"lr": "lr"}),
@@ -139,13 +141,9 @@ def curve_panels(records: list[dict]) -> list[CurvePanel]:
         series = {label: points for label, points in series.items() if len(points[0])}
         if series:
             legend = len(series) > 1 or title in named
-            panels.append(CurvePanel(title, ylabel, y_scale(series, rule), series, legend))
+            scale = "linear" if rule == "ev" else y_scale(series, rule)
+            panels.append(CurvePanel(title, ylabel, scale, series, legend, rule == "ev"))
     return panels
-
-
-def _within_decade(ax: plt.Axes) -> bool:
-    low, high = ax.get_ylim()
-    return high < 10 * low
 
 
 def draw_panel(ax: plt.Axes, panel: CurvePanel) -> None:
@@ -155,13 +153,15 @@ def draw_panel(ax: plt.Axes, panel: CurvePanel) -> None:
         ax.plot(tokens, values, marker=marker, markersize=3, linewidth=1, label=label)
     ax.set(title=panel.title, ylabel=panel.ylabel, yscale=panel.yscale)
     ax.title.set_fontsize(10)
-    if panel.yscale == "linear":
+    if panel.explained_variance:
+        values = np.concatenate([values for _, values in panel.series.values()])
+        figures.show_explained_variance(ax, values.tolist())
+    elif panel.yscale == "linear":
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
-    else:  # plain numbers (150, 0.003), not 1.5 x 10^2, on major and labelled minor ticks
-        plain = FuncFormatter(lambda value, _: f"{value:g}")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain if _within_decade(ax) else NullFormatter())
-    ax.xaxis.set_major_formatter(EngFormatter())
+    else:  # plain numbers (150, 0.003), not 1.5 x 10^2, never running together
+        figures.readable_log_axis(ax.yaxis)
+    ax.xaxis.set_major_locator(MaxNLocator(6, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.grid(alpha=0.3)
     if panel.legend:
         ax.legend(fontsize=7, ncol=1 + len(panel.series) // 5)
@@ -171,13 +171,24 @@ def training_curves(records: list[dict], out_dir: Path, title: str = "") -> Path
     """``training_curves.png``: the panels of ``curve_panels`` against training tokens, two
     columns; the gradient shares (``jax_sae.training.diagnostics``) on a log scale show an inert
     term at a glance. Returns None when no metric was logged."""
+    fig = training_curves_figure(records, title)
+    if fig is None:
+        return None
+    path = out_dir / "training_curves.png"
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def training_curves_figure(records: list[dict], title: str = "") -> Any:
+    """The figure ``training_curves`` saves (None when no metric was logged)."""
     panels = curve_panels(records)
     if not panels:
         return None
     cols = min(2, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(
-        rows, cols, figsize=(5.5 * cols, 2.8 * rows), squeeze=False, layout="constrained"
+        rows, cols, figsize=(5.5 * cols, 2.8 * rows), squeeze=False, layout="constrained", dpi=150
     )
     for i, ax in enumerate(axes.flat):
         if i >= len(panels):
@@ -187,10 +198,7 @@ def training_curves(records: list[dict], out_dir: Path, title: str = "") -> Path
         if i + cols >= len(panels):  # lowest panel of its column
             ax.set_xlabel("training tokens")
     fig.suptitle(title or "training curves")
-    path = out_dir / "training_curves.png"
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def firing_rate_histogram(density: np.ndarray, out_dir: Path) -> Path:

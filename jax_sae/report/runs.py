@@ -56,6 +56,41 @@ TRAINING_KEYS = (
 )
 """Config entries that change the trained weights; a checkpoint only resumes if they all match."""
 
+HPARAMS_ADDED_SINCE_V1 = {
+    "encoder_init_scale": None,
+    "sparsity_warmup_steps": 0,
+    "l0_grad_to_pre": False,
+    "adam_b1": 0.9,
+    "adam_b2": 0.999,
+    "adam_eps": 1e-8,
+}
+"""Hyper-parameters added after run folders were first written, each with the value that trains
+as the code did before it existed. A config.json without one was trained at that value: the
+config hash leaves such an entry out at that value, so an older run keeps its hash, and
+``--resume`` of it trains on at that value (``legacy_hparams``)."""
+
+
+def legacy_hparams(recorded: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """The added hyper-parameters (``HPARAMS_ADDED_SINCE_V1``) among a variant's hyper-parameter
+    ``names`` that a recorded run's hparams lack, at the value that run was trained with."""
+    return {
+        key: value
+        for key, value in HPARAMS_ADDED_SINCE_V1.items()
+        if key in names and key not in recorded
+    }
+
+
+def _hashed_entry(key: str, config: dict) -> Any:
+    """``config[key]`` as the hash sees it: hparams without added entries at their old value."""
+    value = config.get(key)
+    if key != "hparams" or not isinstance(value, dict):
+        return value
+    return {
+        k: v
+        for k, v in value.items()
+        if k not in HPARAMS_ADDED_SINCE_V1 or HPARAMS_ADDED_SINCE_V1[k] != v
+    }
+
 
 def library_versions() -> dict[str, str]:
     versions = {}
@@ -77,8 +112,8 @@ def portable_path(path: str | Path) -> str:
 
 
 def config_hash(config: dict) -> str:
-    """Hash of the entries in ``TRAINING_KEYS`` (canonical JSON)."""
-    subset = {key: config.get(key) for key in TRAINING_KEYS}
+    """Hash of the entries in ``TRAINING_KEYS`` (canonical JSON; ``HPARAMS_ADDED_SINCE_V1``)."""
+    subset = {key: _hashed_entry(key, config) for key in TRAINING_KEYS}
     return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -92,7 +127,7 @@ def differing_keys(old: dict, new: dict) -> list[str]:
 
     keys = []
     for key in TRAINING_KEYS:
-        a, b = old.get(key), new.get(key)
+        a, b = _hashed_entry(key, old), _hashed_entry(key, new)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if differ(a.get(k), b.get(k))]
         elif differ(a, b):

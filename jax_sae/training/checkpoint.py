@@ -8,6 +8,7 @@ one is committed, so a kill at any moment leaves the last good checkpoint in pla
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Collection
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jax_sae.model.variants import Variant
+from jax_sae.training.engine import TrainState, abstract_state
 from jax_sae.util.disk import require_space
 
 DEFAULT_KEEP = 3
@@ -55,18 +58,37 @@ def drop_unfinished_steps(directory: Path) -> None:
 
 
 class Checkpoints:
-    """The ``checkpoints/`` folder of one run: the last ``keep`` steps (the final one included)."""
+    """The ``checkpoints/`` folder of one run: the last ``keep`` steps (the final one included).
 
-    def __init__(self, directory: str | Path, keep: int = DEFAULT_KEEP) -> None:
+    ``read_only`` opens it for reading beside a trainer that may be writing it: nothing is
+    created, cleaned up or removed (``drop_unfinished_steps`` is the trainer's to run)."""
+
+    def __init__(self, directory: str | Path, keep: int = DEFAULT_KEEP, read_only: bool = False):
         self.directory = Path(directory).absolute()
-        drop_unfinished_steps(self.directory)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, cleanup_tmp_directories=True
-        )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        if read_only:
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, save_interval_steps=0, max_to_keep=None
+            )
+        else:
+            drop_unfinished_steps(self.directory)
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, cleanup_tmp_directories=True
+            )
+        absl = logging.getLogger("absl")
+        level = absl.level
+        if read_only:  # orbax warns that a read-only folder is read-only
+            absl.setLevel(logging.ERROR)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl.setLevel(level)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every committed step, in order."""
+        return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, record: dict) -> None:
         """Save ``state`` (a pytree of arrays) and ``record`` (JSON) as checkpoint ``step``.
@@ -135,3 +157,27 @@ class Checkpoints:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_step(
+    directory: str | Path,
+    step: int,
+    variant: Variant,
+    steps: int,
+    config_hashes: str | Collection[str],
+) -> TrainState:
+    """Checkpoint ``step`` of a run of ``variant`` trained for ``steps`` steps, on one device,
+    for use outside training (``jax_sae.SAE.load``): read-only, so it is safe beside a live
+    trainer. Refuses a checkpoint of another configuration, as ``Checkpoints.restore`` does.
+    CheckpointError naming the saved steps when ``step`` is not one of them."""
+    directory = Path(directory)
+    with Checkpoints(directory, read_only=True) as checkpoints:
+        saved = checkpoints.all_steps()
+        if step not in saved:
+            listed = ", ".join(map(str, saved)) or "none"
+            raise CheckpointError(
+                f"{directory} has no checkpoint of step {step} (saved steps: {listed}); "
+                "choose one of those"
+            )
+        state, _ = checkpoints.restore(step, abstract_state(variant, steps), config_hashes)
+    return state

@@ -14,11 +14,15 @@ folder, so ``--config`` of that file repeats the run. Variant hyper-parameters (
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import datetime
 import functools
+import inspect
 import json
 import math
+import re
+import textwrap
 import tomllib
 import types
 import typing
@@ -52,60 +56,53 @@ class TrainConfig:
     layer: int | None = None
     """layer of the cache to train on; required"""
     variant: str | None = None
-    """SAE variant, e.g. standard, topk, jumprelu, freq (--help-variant NAME lists its
-    hyper-parameters); required"""
+    """SAE variant name, e.g. topk; required"""
     hparams: Annotated[dict[str, Any], tyro.conf.Suppress] = field(default_factory=dict)
     """variant hyper-parameters and d_sae (command line: --set KEY=VALUE)"""
     steps: int | None = None
     """training steps (default: --tokens / --batch-size)"""
     tokens: int | None = None
-    """training tokens (default: one epoch of the cache's training tokens)"""
+    """training tokens (default: one epoch of the cache)"""
     batch_size: int = 2048
     """tokens per step"""
     out: str | None = None
-    """run folder (default runs/<variant>_L<layer>, with --sweep runs/<variant>_L<layer>_sweep)"""
+    """run folder (default: runs/<variant>_L<layer>[_sweep])"""
     resume: bool = False
-    """continue the run (or sweep) in --out; with a larger --steps, extend a finished one"""
+    """continue (or extend) the run in --out"""
     seed: int = 0
-    """seed of the initial weights and of every random choice in training"""
+    """seed of the weights and of random choices"""
     data_seed: int | None = None
-    """seed of the order of training batches (default: --seed); sweep members share it"""
+    """seed of the batch order (default: --seed)"""
     compute_dtype: str = "float32"
-    """matmul precision: float32 or bfloat16 (parameters stay float32)"""
+    """matmul dtype, float32 or bfloat16"""
     normalize: bool = True
-    """scale inputs to E||x||^2 = d_in (--no-normalize trains on raw activations)"""
+    """scale inputs to E||x||^2 = d_in"""
     checkpoint_every: int = 1000
-    """steps between checkpoints (and at the end)"""
+    """steps between checkpoints"""
     log_every: int | None = None
-    """steps between logged intervals (default: about 200 per run, at most 50 steps apart)"""
+    """steps per logged point (default: steps / 200, at most 50)"""
     eval_tokens: int | None = None
-    """held-out tail of the cache for the final evaluation (default: 65536 or a tenth)"""
+    """held-out tokens (default: min(65536, a tenth of the cache))"""
     allow_incomplete: bool = False
-    """train on a cache whose extraction has not finished (only the shards listed now)"""
+    """train on a cache still being extracted"""
     diverge_loss_factor: float = LOSS_BLOWUP_FACTOR
-    """stop when the reconstruction loss exceeds this many times that of predicting zero
-    (inf: never)"""
+    """stop at this many times the loss of a zero output (inf: never)"""
     diverge_min_ev: float = MIN_EXPLAINED_VARIANCE
-    """mark the run diverged when held-out explained variance ends below this (-inf: never)"""
+    """diverged if held-out EV < this; -inf: never"""
     stream: str | None = None
-    """train while an extractor writes --cache: these are its arguments (e.g. "--model
-    google/gemma-2-2b --dataset monology/pile-uncopyrighted --layers 12 --tokens 500M");
-    unset: --cache is a finished cache (docs/scaling.md, Streaming)"""
+    """run the extractor with ARGS into --cache (default: off)"""
     disk_budget: str | None = None
-    """with --stream: the most disk the cache may take (e.g. 40G); the extractor deletes shards
-    the trainer no longer needs to stay within it"""
+    """--stream's disk limit, e.g. 40G (default: no bound)"""
     stream_window: int = 4
-    """with --stream: batches mix the tokens of this many consecutive shards"""
+    """with --stream: shards mixed per batch"""
     mesh: str | None = None
-    """data=N,model=M: split each batch over N devices and the latents over M (jax.sharding;
-    N x M = all devices); unset: one device"""
+    """data=N,model=M: batch on N devices, latents on M (default: one device)"""
     sweep: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """KEY=V1,V2,...: train the grid of every --sweep in one vmapped step per group of equal
-    shapes (keys: hyper-parameters, d_sae, seed)"""
+    """KEY=V1,V2,...: one SAE per value, a grid over every --sweep, in one vmapped step"""
     tensorboard: bool = False
-    """also log to TensorBoard (<run>/tensorboard/)"""
+    """also log to <run>/tensorboard/"""
     wandb: str | None = None
-    """also log to this Weights & Biases project (WANDB_MODE=offline works without network)"""
+    """also log to this Weights & Biases project (default: off)"""
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -206,6 +203,30 @@ def parse_sweep(items: list[str]) -> dict[str, list[Any]]:
             seen[identity] = text_value
         grid[key] = values
     return grid
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The doc string under each field of dataclass ``cls``, on one line (what ``--help`` shows
+    and tyro reads; a field without one is left out)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        string = getattr(after, "value", None)
+        named = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        if named and isinstance(string, ast.Constant) and isinstance(string.value, str):
+            docs[node.target.id] = " ".join(string.value.split())
+    return docs
+
+
+UNSET = re.compile(r"^(?P<text>.*?);? ?\(default: (?P<unset>[^()]*(?:\([^()]*\)[^()]*)*)\)$")
+"""A field doc ending in "(default: what an unset value means)" (a None default)."""
+
+
+def split_default(doc: str) -> tuple[str, str | None]:
+    """(the meaning, what the field's unset default means or None) of a one-line field doc."""
+    match = UNSET.match(doc)
+    return (match["text"], match["unset"]) if match else (doc, None)
 
 
 def config_fields() -> dict[str, dataclasses.Field]:

@@ -40,12 +40,18 @@ def optimizer_for(hp: Mapping[str, Any], steps: int) -> optax.GradientTransforma
         warmup_steps=hp["warmup_steps"],
         total_steps=steps,
         decay=hp["lr_decay"],
+        b1=hp["adam_b1"],
+        b2=hp["adam_b2"],
+        eps=hp["adam_eps"],
         grad_clip_norm=hp["grad_clip_norm"],
     )
 
 
-def initial_state(variant: Variant, seed: int, steps: int, data_sample: np.ndarray) -> TrainState:
-    """Fresh training state of one run; also the structure a checkpoint is restored into."""
+def initial_state(
+    variant: Variant, seed: int, steps: int, data_sample: np.ndarray | None
+) -> TrainState:
+    """Fresh training state of one run; also the structure a checkpoint is restored into
+    (``data_sample`` None: without the data-dependent init, which changes no shape)."""
     init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
     params = variant.init_params(init_key, data_sample=data_sample)
     return {
@@ -54,6 +60,14 @@ def initial_state(variant: Variant, seed: int, steps: int, data_sample: np.ndarr
         "reg_state": variant.init_state(),
         "rng": rng,
     }
+
+
+def abstract_state(variant: Variant, steps: int) -> TrainState:
+    """The shapes and dtypes of a run's training state, placed on one device, computing nothing:
+    what a checkpoint is read into outside training (``checkpoint.read_step``)."""
+    shapes = jax.eval_shape(lambda: initial_state(variant, 0, steps, None))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
 
 
 def swept_hparam_arrays(variants: Sequence[Variant]) -> dict[str, jax.Array]:

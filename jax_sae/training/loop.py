@@ -234,7 +234,7 @@ class GroupRun:
                     if done % log_every == 0 or done == steps:
                         due = done % shares_every == 0 or done == steps
                         tokens_per_s = self._log(state, batch, step, done, window, due)
-                        bar.set_postfix(progress_fields(self.alive, tokens_per_s))
+                        bar.set_postfix_str(progress_fields(self.alive, tokens_per_s))
                     if done % config.checkpoint_every == 0 or done == steps:
                         self._save(state, done, window)
             except KeyboardInterrupt:
@@ -258,18 +258,38 @@ def span(values: list[float], fmt: str) -> str:
     return format(low, fmt) if low == high else f"{low:{fmt}}..{high:{fmt}}"
 
 
-def progress_fields(alive: list[tuple[int, Member]], tokens_per_s: float) -> dict[str, str]:
+def per_second(rate: float) -> str:
+    """A rate as a person reads it: 97k, 1.2M, 850 (whole numbers from 10 up)."""
+    scale, suffix = next(
+        (
+            (scale, suffix)
+            for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k"))
+            if rate >= scale
+        ),
+        (1.0, ""),
+    )
+    value = rate / scale
+    return f"{value:.0f}{suffix}" if value >= 10 else f"{value:.1f}{suffix}"
+
+
+DEAD_TRAIN = "dead(train)"
+"""The progress bar's dead fraction: latents that fired on none of the last ``dead_tokens``
+training tokens (metrics.jsonl ``dead_frac``; docs/training.md, "Dead latents")."""
+
+
+def progress_fields(alive: list[tuple[int, Member]], tokens_per_s: float) -> str:
     """The progress bar's postfix: one member's numbers, or each number's range over members."""
     records = [m.record for _, m in alive if m.record is not None]
     if not records:
-        return {}
-    fields = {
-        "loss": span([r["loss"] for r in records], ".4g"),
-        "L0": span([r["l0"] for r in records], ".1f"),
-        "dead": span([r["dead_frac"] for r in records], ".3f"),
-        "tok_s": f"{tokens_per_s:.3g}",
-    }
+        return ""
+    fields = [
+        f"loss={span([r['loss'] for r in records], '.4g')}",
+        f"L0={span([r['l0'] for r in records], '.1f')}",
+        f"{DEAD_TRAIN}={span([r['dead_frac'] for r in records], '.3f')}",
+        f"{per_second(tokens_per_s)} tok/s",
+    ]
     shares = [m.shares for _, m in alive if m.shares]
     for key in sorted(shares[0]) if shares else []:
-        fields[key.removeprefix("grad_share/")] = span([s[key] for s in shares], ".1%")
-    return fields
+        name = key.removeprefix("grad_share/")
+        fields.append(f"{name}={span([s[key] for s in shares], '.1%')}")
+    return ", ".join(fields)

@@ -7,7 +7,7 @@
    then, if `grad_clip_norm` is set, scale the gradient to at most that global L2 norm (off by
    default: in `benchmarks/bench_peers.py` clipping at 1.0, as SAELens and dictionary_learning
    do, lowered our held-out explained variance);
-2. Adam (b1 0.9, b2 0.999);
+2. Adam (`adam_b1` 0.9, `adam_b2` 0.999, `adam_eps` 1e-8; `make_optimizer`'s b1, b2, eps);
 3. the learning-rate schedule (`make_schedule`);
 4. `renormalize_decoder_rows`: turn the update into one that lands on unit-norm rows,
    `update <- normalise_rows(param + update) - param`;
@@ -125,6 +125,16 @@ def make_schedule(
     return schedule
 
 
+def _check_adam(b1: float, b2: float, eps: float) -> None:
+    """ValueError naming the hyper-parameter for Adam settings that cannot train (a decay rate of
+    1 never forgets, eps 0 divides by zero); a sweep's traced values were checked per member."""
+    for name, value in (("adam_b1", b1), ("adam_b2", b2)):
+        if not isinstance(value, jax.Array) and not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if not isinstance(eps, jax.Array) and not eps > 0:
+        raise ValueError(f"adam_eps must be > 0, got {eps}")
+
+
 def make_optimizer(
     *,
     lr: float,
@@ -137,8 +147,11 @@ def make_optimizer(
     grad_clip_norm: float | None = None,
 ) -> optax.GradientTransformation:
     """The SAE optimizer described in the module docstring."""
-    if grad_clip_norm is not None and grad_clip_norm <= 0:
-        raise ValueError(f"grad_clip_norm must be > 0 or None, got {grad_clip_norm}")
+    # its default (None) gives the registry no type to check a --set value against
+    numeric = isinstance(grad_clip_norm, int | float) and not isinstance(grad_clip_norm, bool)
+    if grad_clip_norm is not None and not (numeric and grad_clip_norm > 0):
+        raise ValueError(f"grad_clip_norm must be > 0 or None, got {grad_clip_norm!r}")
+    _check_adam(b1, b2, eps)
     clip = [] if grad_clip_norm is None else [optax.clip_by_global_norm(grad_clip_norm)]
     return optax.chain(
         project_decoder_grads(),

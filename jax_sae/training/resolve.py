@@ -3,10 +3,12 @@ adapted defaults, and the run's record, ``config.json`` (checked before anything
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jax.sharding import Sharding
 
@@ -15,7 +17,7 @@ from jax_sae.data.loader import DEFAULT_BUFFER_CHUNKS, DEFAULT_CHUNK_TOKENS, Loa
 from jax_sae.data.source import BatchSource, BatchSpec
 from jax_sae.data.stream import Producer, StreamCache, StreamingLoader
 from jax_sae.model.defaults import adapt_hparams
-from jax_sae.model.variants import Variant, make_variant, variant_spec
+from jax_sae.model.variants import Variant, hparam_docs, make_variant, variant_spec
 from jax_sae.report import runs
 from jax_sae.report.record import RunRecord
 from jax_sae.training.config import (
@@ -109,25 +111,35 @@ def run_steps(cfg: TrainConfig, source: BatchSource) -> int:
     return cfg.steps or math.ceil(tokens / cfg.batch_size)
 
 
-def first_run_length(out: Path, resume: bool) -> int | None:
-    """Steps the run in ``out`` was first started for: the defaults that adapt to the run length
-    keep their values when ``--resume --steps N`` extends it (None for a new run)."""
+def recorded_run(out: Path, resume: bool) -> RunRecord | None:
+    """The config.json of the run that ``--resume`` continues in ``out`` (None for a new run)."""
     config_file = out / runs.CONFIG
     if not (resume and config_file.exists()):
         return None
-    return RunRecord.read(config_file).first_steps
+    return RunRecord.read(config_file)
+
+
+def resolved_overrides(cfg: TrainConfig, recorded: RunRecord | None) -> dict[str, Any]:
+    """The user's hyper-parameters, plus, for a resumed run recorded before a hyper-parameter
+    existed, that one at the value it was trained with (``runs.HPARAMS_ADDED_SINCE_V1``)."""
+    if recorded is None:
+        return dict(cfg.hparams)
+    assert cfg.variant is not None
+    names = set(hparam_docs(variant_spec(cfg.variant)))  # every hyper-parameter it has today
+    return {**runs.legacy_hparams(dict(recorded.hparams), names), **cfg.hparams}
 
 
 def resolve_run(cfg: TrainConfig, source: BatchSource, out: Path) -> ResolvedRun:
     """The run's variant and config.json; one-line errors for settings that cannot work."""
     assert cfg.layer is not None and cfg.variant is not None  # TrainConfig.checked requires them
     steps = run_steps(cfg, source)
-    overrides = dict(cfg.hparams)
+    recorded = recorded_run(out, cfg.resume)
+    overrides = resolved_overrides(cfg, recorded)
     d_sae = overrides.pop("d_sae", None)
-    adapted = adapt_hparams(
+    adapted = adapt_hparams(  # adapted to the first length, kept when --steps N extends the run
         cfg.variant,
         source.d_model,
-        steps=first_run_length(out, cfg.resume) or steps,
+        steps=(recorded.first_steps if recorded else None) or steps,
         batch_size=cfg.batch_size,
         overrides=overrides,
         d_sae=d_sae,
@@ -214,6 +226,11 @@ def start_run_dir(run: ResolvedRun, config: RunRecord) -> None:
     write_config_file(run.out / RESOLVED_CONFIG, run.settings)
 
 
+def as_flag(value: Any) -> str:
+    """A value as ``--set`` reads it back (JSON, strings bare)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def continued_config(out: Path, old: RunRecord, new: RunRecord) -> RunRecord:
     """The config of a resumed run: the old one's history, plus an extension when ``--steps``
     grew. Extending is exact only when the learning-rate schedule ignores the run length."""
@@ -223,9 +240,15 @@ def continued_config(out: Path, old: RunRecord, new: RunRecord) -> RunRecord:
         if keys != ["steps"]:
             changed = "cache_manifest_sha256" in keys
             hint = " (the cache changed since the run started)" if changed else ""
+            recorded = [
+                f"{name}={as_flag(old.hparams.get(name))}"
+                for name in (key.removeprefix("hparams.") for key in keys)
+                if f"hparams.{name}" in keys
+            ]
+            fix = f"--set {' '.join(recorded)}" if recorded else "the original flags"
             raise ConfigError(
                 f"cannot resume {out}: its config differs in {', '.join(keys) or 'config hash'}"
-                f"{hint}; rerun with the original flags or choose another --out"
+                f"{hint}; rerun with {fix} or choose another --out"
             )
         if new.steps < old.steps:
             raise ConfigError(

@@ -32,6 +32,7 @@ from jax_sae.model.variants import VariantError
 from jax_sae.parallel.distributed import (
     DistributedError,
     host_value,
+    is_primary,
     local_rows,
     primary_only,
     same_everywhere,
@@ -173,6 +174,8 @@ class Trainer:
         same_everywhere(
             "configuration", {"settings": vars(cfg), "runs": [r.config.to_json() for r in resolved]}
         )
+        if is_primary():
+            print(device_line(self.mesh), file=sys.stderr)
         announce(resolved)
         self._warn_about_layout(resolved[0])
         self._preflight([[resolved[i] for i in group] for group in groups], loader)
@@ -341,6 +344,21 @@ class Trainer:
 def sweep_entry(cfg: TrainConfig, member: sweeps.SweepMember) -> dict[str, Any]:
     """config.json's ``sweep`` entry of a member: the sweep, the member and its values."""
     return {"name": cfg.default_out().name, "member": member.name, "swept": member.swept}
+
+
+def device_line(mesh: Any) -> str:
+    """Where the run trains, once at the start: "training on 1 x NVIDIA H200 (gpu)", "training
+    on cpu (1 of 8 devices)"; without --mesh a run uses one device."""
+    devices = jax.devices()
+    used = 1 if mesh is None else int(np.prod(list(mesh.shape.values())))
+    total = len(devices)
+    count = f"{used} of {total}" if used < total else f"{total}"
+    processes = jax.process_count()
+    hosts = f", {processes} processes" if processes > 1 else ""
+    platform = devices[0].platform
+    if platform == "cpu":
+        return f"training on cpu ({count} device{'s' if total > 1 else ''}){hosts}"
+    return f"training on {count} x {devices[0].device_kind} ({platform}){hosts}"
 
 
 def announce(resolved: list[ResolvedRun]) -> None:

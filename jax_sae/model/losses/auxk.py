@@ -4,9 +4,13 @@ Dead latents (see `losses.dead`) get a gradient by reconstructing what the live 
 
     e     = x - stop_gradient(x_hat)                    main residual, a fixed target
     e_hat = relu(topk_{k_aux}(pre restricted to dead latents)) @ W_dec      (no b_dec)
-    L_aux = sum_b ||e_b - e_hat_b||^2 / sum_b ||e_b - mean_b(e)||^2
+    L_aux = V_x * sum_b ||e_b - e_hat_b||^2 / sum_b ||e_b - mean_b(e)||^2
+    V_x   = stop_gradient(mean_b ||x_b - mean_b(x)||^2)
 
-The normalisation by the batch variance of e makes L_aux scale-free (about 1 for e_hat = 0).
+sparsify trains FVU + alpha_aux * (aux error / variance of e); our reconstruction loss is the
+squared error itself (FVU * V_x), so L_aux carries the same factor V_x and alpha_aux keeps Gao's
+meaning (1/32). Without it AuxK was d_in-fold weaker than Gao's on normalised inputs
+(E||x||^2 = d_in): 2304x at Gemma's width.
 When fewer than k_aux latents are dead only the dead ones are used; when none is dead L_aux is 0
 and its work is skipped (`lax.cond`); with alpha_aux = 0 (a Python number) the term is not even
 traced. The loss added is `alpha_aux * L_aux`.
@@ -57,7 +61,8 @@ def auxk_loss(
         e_hat = sparse.decode(values, rows, cols, w_dec, x.shape[0], compute_dtype, True)
         error = jnp.sum(jnp.square(e - e_hat))
         variance = jnp.sum(jnp.square(e - jnp.mean(e, axis=0)))
-        return error / jnp.maximum(variance, jnp.finfo(variance.dtype).tiny)
+        x_variance = lax.stop_gradient(jnp.mean(jnp.sum(jnp.square(x - jnp.mean(x, 0)), -1)))
+        return x_variance * error / jnp.maximum(variance, jnp.finfo(variance.dtype).tiny)
 
     return lax.cond(jnp.any(dead), normalised_aux_error, lambda: jnp.zeros((), jnp.float32))
 

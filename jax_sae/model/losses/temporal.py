@@ -7,7 +7,12 @@ The batch carries each token's predecessor in its own sequence: `x_prev` [B, d] 
     L_max  <- max(L_recon, m * L_max)                     (state `l_max`, m = `l_max_decay`)
     a      = stop_gradient(sigmoid(beta * (L_max - L_recon) / L_max))     (`gap_mode=relative`)
            = stop_gradient(sigmoid(beta * (L_max - L_recon)))             (`gap_mode=absolute`)
-    L_temporal = lambda_2 * a * mean_batch ||h - f_prev||_1
+    L_temporal = lambda_2 * w(step) * a * mean_batch ||h - f_prev||_1
+
+w(step) is the L1 term's warm-up (`sparsity_warmup_steps`), so both sparsity-like penalties rise
+together. lambda_2 1.5 keeps the ratio lambda_2 / lambda_1 = 0.5 at which the term's gradient
+share was calibrated (lambda 0.02 beside lambda_1 0.04 on the template's init; now 1.5 beside the
+`standard` defaults' lambda_1 3.0).
 
 Ordering, decided here: each step FIRST folds this batch's L_recon into L_max, THEN computes a
 from the new L_max. So L_max >= L_recon and a is in [0.5, 1): the penalty is strongest while
@@ -32,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_sae.model.losses import LossContext, LossTerm, TermOutput
+from jax_sae.model.losses.jumprelu_sparsity import sparsity_scale
 
 STATE_KEY = "l_max"
 
@@ -86,7 +92,7 @@ def adjacent_stability(
 class TemporalConsistency(LossTerm):
     NAME = "temporal"
     ACTS_ON = ("W_enc", "b_enc")
-    HPARAMS = {"lambda_2": 0.02, "beta": 5.0, "l_max_decay": 0.99, "gap_mode": "relative"}
+    HPARAMS = {"lambda_2": 1.5, "beta": 5.0, "l_max_decay": 0.99, "gap_mode": "relative"}
     HPARAM_DOCS = {
         "lambda_2": "weight of the consistency penalty a * mean_batch ||h - f_prev||_1",
         "beta": "sharpness of the adaptive weight a = sigmoid(beta * gap), gap = L_max - L_recon",
@@ -117,4 +123,5 @@ class TemporalConsistency(LossTerm):
             "l_max": l_max,
             **adjacent_stability(codes, h_prev, ~ctx.batch["seq_start"]),
         }
-        return TermOutput(hp["lambda_2"] * a * distance, {STATE_KEY: l_max}, metrics)
+        scale = sparsity_scale(ctx.step, hp["sparsity_warmup_steps"])  # rises with the L1 term
+        return TermOutput(hp["lambda_2"] * scale * a * distance, {STATE_KEY: l_max}, metrics)
