@@ -38,15 +38,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jax_sae.model.variants import (
-    TRAINING_HPARAMS,
     VARIANTS,
     VariantError,
+    declared_defaults,
     format_default,
     gao_lr,
     make_variant,
+    refuse_unknown,
     unit_row_lr,
 )
-from jax_sae.util.cli import did_you_mean
 
 REFERENCE_D_IN = 2304
 """d_in the reference defaults were chosen for (Gemma-2-2b's residual stream)."""
@@ -98,7 +98,7 @@ def adapt_hparams(
     notes: list[str] = []
     reference_d_sae = VARIANTS[name].suggested_d_sae(REFERENCE_D_IN)
     reference = make_variant(name, REFERENCE_D_IN, reference_d_sae).hparams
-    refuse_unknown(name, given, reference)
+    refuse_unknown(name, given, reference)  # read here first; make_variant checks it again
     if d_sae is None:
         d_sae = scaled_d_sae(name, d_in)
         if d_in != REFERENCE_D_IN:
@@ -138,34 +138,11 @@ def checked_d_sae(d_sae: Any) -> int:
     raise VariantError(f"d_sae must be a positive integer, got {d_sae!r}; e.g. --set d_sae=4096")
 
 
-def refuse_unknown(name: str, given: Mapping[str, Any], reference: Mapping[str, Any]) -> None:
-    """The one-line error of an unknown hyper-parameter, naming the closest valid key: checked
-    here because the user's values are read here first (``make_variant`` checks it again)."""
-    valid = sorted(reference)
-    for key in given:
-        if key not in reference:
-            raise VariantError(
-                f"unknown hyper-parameter {key!r} for variant {name!r}"
-                f"{did_you_mean(key, [*valid, 'd_sae'])}; valid: {', '.join(valid)}, d_sae"
-            )
-
-
-def declared_defaults(name: str) -> dict[str, Any]:
-    """Every hyper-parameter's declared default of variant `name` (a callable takes (d_in, d_sae)),
-    merged in `variants.resolve_hparams`' order: training, then each source, then the variant."""
-    spec = VARIANTS[name]
-    merged = dict(TRAINING_HPARAMS)
-    for source in spec.hparam_sources():
-        merged.update(getattr(source, "HPARAMS", {}))
-    merged.update(spec.defaults)
-    return merged
-
-
 def defaults_at(name: str, d_in: int, d_sae: int) -> dict[str, Any]:
     """The declared defaults evaluated at (d_in, d_sae), unchecked."""
     return {
         key: default(d_in, d_sae) if callable(default) else default
-        for key, default in declared_defaults(name).items()
+        for key, default in declared_defaults(VARIANTS[name]).items()
     }
 
 
@@ -223,7 +200,7 @@ def _note_rules(
     """A default computed from (d_in, d_sae) by a rule (the learning rate) that differs from the
     value ``--help-variant`` prints: noted, so the run's value is never a surprise."""
     reference_d_sae = VARIANTS[name].suggested_d_sae(REFERENCE_D_IN)
-    for key, default in declared_defaults(name).items():
+    for key, default in declared_defaults(VARIANTS[name]).items():
         if not callable(default) or key in adapted or key in K_LIKE:  # given or noted already
             continue
         value = default(d_in, d_sae)

@@ -249,24 +249,38 @@ def hparam_choices(spec: VariantSpec) -> dict[str, tuple[str, ...]]:
     return choices
 
 
-def resolve_hparams(
-    name: str, spec: VariantSpec, d_in: int, d_sae: int, overrides: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Defaults of every source, then the variant's defaults, then `overrides`, validated."""
+def declared_defaults(spec: VariantSpec) -> dict[str, Any]:
+    """Every hyper-parameter's declared default (a callable takes (d_in, d_sae)), each later
+    declaration winning: the training ones, then each source's, then the variant's own."""
     defaults: dict[str, Any] = dict(TRAINING_HPARAMS)
-    choices = hparam_choices(spec)
-    nullable: set[str] = set()
     for source in spec.hparam_sources():
         defaults.update(getattr(source, "HPARAMS", {}))
-        nullable.update(getattr(source, "NULLABLE", ()))
     defaults.update(spec.defaults)
-    unknown = sorted(set(overrides) - set(defaults))
+    return defaults
+
+
+def refuse_unknown(name: str, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
+    """The one-line error of a hyper-parameter variant `name` does not have, naming the closest
+    valid key (`d_sae` is valid too: it is read beside the hyper-parameters)."""
+    unknown = sorted(set(given) - set(defaults) - {"d_sae"})
     if unknown:
         raise VariantError(
             f"unknown hyper-parameter {unknown[0]!r} for variant {name!r}"
             f"{did_you_mean(unknown[0], [*defaults, 'd_sae'])}; "
-            f"valid: {', '.join(sorted(defaults))}"
+            f"valid: {', '.join(sorted(defaults))}, d_sae"
         )
+
+
+def resolve_hparams(
+    name: str, spec: VariantSpec, d_in: int, d_sae: int, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Defaults of every source, then the variant's defaults, then `overrides`, validated."""
+    defaults = declared_defaults(spec)
+    choices = hparam_choices(spec)
+    nullable: set[str] = set()
+    for source in spec.hparam_sources():
+        nullable.update(getattr(source, "NULLABLE", ()))
+    refuse_unknown(name, overrides, defaults)
     hparams = {}
     for key, default in defaults.items():
         default = default(d_in, d_sae) if callable(default) else default

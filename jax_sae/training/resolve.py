@@ -17,7 +17,7 @@ from jax_sae.data.loader import DEFAULT_BUFFER_CHUNKS, DEFAULT_CHUNK_TOKENS, Loa
 from jax_sae.data.source import BatchSource, BatchSpec
 from jax_sae.data.stream import Producer, StreamCache, StreamingLoader
 from jax_sae.model.defaults import adapt_hparams
-from jax_sae.model.variants import Variant, hparam_docs, make_variant, variant_spec
+from jax_sae.model.variants import Variant, declared_defaults, make_variant, variant_spec
 from jax_sae.report import runs
 from jax_sae.report.record import RunRecord
 from jax_sae.training.config import (
@@ -125,7 +125,7 @@ def resolved_overrides(cfg: TrainConfig, recorded: RunRecord | None) -> dict[str
     if recorded is None:
         return dict(cfg.hparams)
     assert cfg.variant is not None
-    names = set(hparam_docs(variant_spec(cfg.variant)))  # every hyper-parameter it has today
+    names = set(declared_defaults(variant_spec(cfg.variant)))  # every hyper-parameter it has now
     return {**runs.legacy_hparams(dict(recorded.hparams), names), **cfg.hparams}
 
 
