@@ -9,7 +9,7 @@ Dead latents (see `losses.dead`) get a gradient by reconstructing what the live 
 
 sparsify trains FVU + alpha_aux * (aux error / variance of e); our reconstruction loss is the
 squared error itself (FVU * V_x), so L_aux carries the same factor V_x and alpha_aux keeps Gao's
-meaning (1/32). Without it AuxK was d_in-fold weaker than Gao's on normalised inputs
+meaning (1/32). Without it AuxK would be d_in-fold weaker than Gao's on normalised inputs
 (E||x||^2 = d_in): 2304x at Gemma's width.
 When fewer than k_aux latents are dead only the dead ones are used; when none is dead L_aux is 0
 and its work is skipped (`lax.cond`); with alpha_aux = 0 (a Python number) the term is not even
