@@ -31,6 +31,7 @@ BENCH_FLAGS   ?=
 # synthetic worlds; TOKENS is passed only when given on the command line
 WORLD   ?= basic
 SYNTH_FLAGS ?=
+FEATURES_FLAGS ?=
 
 VENV      := .venv
 VENV_EVAL := .venv-eval
@@ -45,9 +46,9 @@ DEMO_RUNS  := runs/demo_standard runs/demo_topk runs/demo_freq runs/demo_tempora
 DEMO_SWEEP := runs/demo_sweep
 # ~5 epochs of the 200k-token demo cache; normalised inputs so one learning rate suits all variants
 DEMO_TRAIN := --cache $(DEMO_CACHE) --layer 2 --normalize --tokens 1000000 --set dead_tokens=100000 \
-	--set d_sae=512 --set lr=0.003 --set warmup_steps=20 --resume
+	--set d_sae=512 --set lr=0.003 --set warmup_steps=20 --resume-if-exists
 
-.PHONY: setup setup-eval test test-fast lint extract tiny-model train export-eval compare demo bench \
+.PHONY: setup setup-eval test test-fast lint extract tiny-model train features export-eval compare demo bench \
 	setup-peers bench-peers synth synth-eval synth-bench clean
 
 setup: $(VENV)/.installed
@@ -78,8 +79,9 @@ lint: setup
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
+# OUT puts it anywhere (e.g. OUT=~/sae-first/tiny-gemma2); the demo and the tests use models/
 tiny-model: setup
-	test -f $(TINY)/config.json || $(PY) -m extract.tiny_model --out $(TINY)
+	test -f $(or $(OUT),$(TINY))/config.json || $(PY) -m extract.tiny_model --out $(or $(OUT),$(TINY))
 
 extract: setup
 	$(PY) -m extract --model $(MODEL) --dataset $(DATASET) --layers $(LAYERS) --tokens $(TOKENS) \
@@ -91,7 +93,13 @@ train: setup
 		$(if $(STEPS),--steps $(STEPS)) $(foreach kv,$(SET),--set $(kv)) $(foreach kv,$(SWEEP),--sweep $(kv)) \
 		$(if $(STREAM),--stream="--model $(MODEL) --dataset $(DATASET) --layers $(LAYERS) \
 		--tokens $(TOKENS) --ctx-len $(CTX) --dtype $(DTYPE) --batch-size $(BATCH)") \
-		$(if $(DISK_BUDGET),--disk-budget $(DISK_BUDGET)) $(if $(OUT),--out $(OUT)) $(TRAIN_FLAGS) --resume
+		$(if $(DISK_BUDGET),--disk-budget $(DISK_BUDGET)) $(if $(OUT),--out $(OUT)) $(TRAIN_FLAGS) --resume-if-exists
+
+# a static HTML page of the run's latents (RUN/features/index.html; open it from disk)
+features: setup
+	@test -n "$(RUN)" || { echo "error: set RUN=runs/<name> (a finished training run)" >&2; exit 2; }
+	$(PY) -m jax_sae.features $(RUN) $(if $(CACHE),--cache $(CACHE)) $(if $(OUT),--out $(OUT)) \
+		$(FEATURES_FLAGS)
 
 export-eval: setup setup-eval
 	@test -n "$(RUN)" || { echo "error: set RUN=runs/<name> (a finished training run)" >&2; exit 2; }
@@ -122,6 +130,7 @@ demo: tiny-model setup-eval
 	$(PY) train.py $(DEMO_TRAIN) --variant temporal --out runs/demo_temporal
 	$(PY) train.py $(DEMO_TRAIN) --variant standard --out $(DEMO_SWEEP) \
 		--sweep lambda=0.75,1.5,3,6,12
+	$(PY) -m jax_sae.features runs/demo_topk
 	$(PY) export_to_torch.py runs/demo_topk --replace
 	$(PY_EVAL) -m saebench_eval.run runs/demo_topk --evals core --offline-model $(TINY) \
 		--core-reconstruction-batches 10 --core-sparsity-variance-batches 20

@@ -50,7 +50,16 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "data": ("cache", "layer", "normalize", "eval_tokens", "allow_incomplete", "data_seed"),
     "model": ("variant", "set", "help_variant", "sweep", "seed"),
     "optimisation": ("steps", "tokens", "batch_size", "diverge_loss_factor", "diverge_min_ev"),
-    "run": ("out", "resume", "config", "checkpoint_every", "log_every", "tensorboard", "wandb"),
+    "run": (
+        "out",
+        "resume",
+        "resume_if_exists",
+        "config",
+        "checkpoint_every",
+        "log_every",
+        "tensorboard",
+        "wandb",
+    ),
     "scale": ("compute_dtype", "mesh", "stream", "disk_budget", "stream_window"),
 }
 """The groups of ``--help``: every flag once (TrainConfig's fields but ``hparams``, which is

@@ -236,8 +236,9 @@ def train_run(run: Run, world_dir: Path, args: argparse.Namespace) -> Path:
     if (folder / "final_info.json").exists():
         return folder
     argv = ["--cache", str(world_dir), "--layer", "0", "--variant", run.variant, "--out",
-            str(folder), "--seed", str(run.seed), "--resume", "--log-every", "64", "--set",
-            f"d_sae={args.features}", "--tokens", str(args.epochs * args.tokens)]  # fmt: skip
+            str(folder), "--seed", str(run.seed), "--resume-if-exists", "--log-every", "64",
+            "--set", f"d_sae={args.features}",
+            "--tokens", str(args.epochs * args.tokens)]  # fmt: skip
     for key, value in run.sets:
         argv += ["--set", f"{key}={value}"]
     if train.main(argv) != 0:

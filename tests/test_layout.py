@@ -17,7 +17,7 @@ LAYERS = ("util", "parallel", "data", "model", "report", "training")
 ALLOWED = {layer: set(LAYERS[: i + 1]) for i, layer in enumerate(LAYERS)} | {
     "export": {"util", "export"}
 }
-ABOVE_ALL = ["sae.py"]
+ABOVE_ALL = ["features.py", "sae.py"]
 """Top-level modules above every layer (``jax_sae.SAE``): they may import any layer and export,
 and no layer imports them (their names are in no ``ALLOWED`` set)."""
 

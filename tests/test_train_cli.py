@@ -190,6 +190,25 @@ def test_resume_refuses_another_config_and_plain_rerun_refuses_to_overwrite(
     assert (reference_run / "config.json").read_text() == before
 
 
+def test_resume_of_a_folder_without_a_run_is_an_error_and_if_exists_starts_one(
+    cache, tmp_path, capsys
+):
+    out = tmp_path / "typo"
+    assert train.main(args(cache, out, "--steps", "10", "--resume")) == 2
+    line = one_error_line(capsys)
+    assert "holds no run to continue" in line and "--resume-if-exists" in line
+    assert not out.exists()
+    sweep = args(cache, tmp_path / "sweep", "--steps", "10", "--resume", "--sweep", "seed=0,1")
+    assert train.main(sweep) == 2
+    assert "holds no sweep to continue (no sweep.json)" in one_error_line(capsys)
+    assert train.main(args(cache, out, "--steps", "10", "--resume-if-exists")) == 0
+    weights = (out / "sae_params.safetensors").read_bytes()
+    assert train.main(args(cache, out, "--steps", "20", "--resume-if-exists")) == 0
+    assert json.loads((out / "config.json").read_text())["steps"] == 20  # extended, not restarted
+    assert train.main(args(cache, out, "--steps", "20", "--resume")) == 0
+    assert (out / "sae_params.safetensors").read_bytes() != weights
+
+
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     cache, tmp_path, capsys
 ):
@@ -407,7 +426,8 @@ def test_a_config_file_value_is_the_default_help_shows(tmp_path, monkeypatch, ca
 def test_every_flag_keeps_its_name_and_lands_in_the_config():
     argv = ["--cache", "c", "--layer", "2", "--variant", "topk", "--set", "k=8", "--sweep"]
     argv += ["seed=0,1", "--seed", "3", "--data-seed", "4", "--steps", "5", "--batch-size", "64"]
-    argv += ["--out", "o", "--resume", "--no-normalize", "--checkpoint-every", "7"]
+    argv += ["--out", "o", "--resume", "--resume-if-exists", "--no-normalize"]
+    argv += ["--checkpoint-every", "7"]
     argv += ["--log-every", "2", "--eval-tokens", "100", "--allow-incomplete", "--mesh", "data=1"]
     argv += ["--diverge-loss-factor", "5", "--diverge-min-ev=-1", "--compute-dtype", "bfloat16"]
     argv += ["--stream", "x", "--disk-budget", "1G", "--stream-window", "2", "--tensorboard"]
@@ -416,7 +436,8 @@ def test_every_flag_keeps_its_name_and_lands_in_the_config():
     assert command.set == ["k=8"] and command.help_variant == "topk"
     assert command.train == TrainConfig(
         cache="c", layer=2, variant="topk", sweep=["seed=0,1"], seed=3, data_seed=4, steps=5,
-        batch_size=64, out="o", resume=True, normalize=False, checkpoint_every=7, log_every=2,
+        batch_size=64, out="o", resume=True, resume_if_exists=True, normalize=False,
+        checkpoint_every=7, log_every=2,
         eval_tokens=100, allow_incomplete=True, mesh="data=1", diverge_loss_factor=5.0,
         diverge_min_ev=-1.0, compute_dtype="bfloat16", stream="x", disk_budget="1G",
         stream_window=2, tensorboard=True, wandb="p",

@@ -26,10 +26,10 @@ import textwrap
 import tomllib
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import tyro
 import yaml
@@ -68,7 +68,9 @@ class TrainConfig:
     out: str | None = None
     """run folder (default: runs/<variant>_L<layer>[_sweep])"""
     resume: bool = False
-    """continue (or extend) the run in --out"""
+    """continue the run in --out (must exist)"""
+    resume_if_exists: bool = False
+    """continue the run in --out, or start it"""
     seed: int = 0
     """seed of the weights and of random choices"""
     data_seed: int | None = None
@@ -99,6 +101,16 @@ class TrainConfig:
     """data=N,model=M: batch on N devices, latents on M (default: one device)"""
     sweep: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """KEY=V1,V2,...: one SAE per value, a grid over every --sweep, in one vmapped step"""
+
+    def __post_init__(self) -> None:
+        """In Python, ``sweep`` may also be a mapping ``{"lambda": [1.5, 3], "seed": [0, 1]}``;
+        it is kept in the command line's form, which run folders record."""
+        if isinstance(self.sweep, Mapping):
+            grid = cast(Mapping[str, Any], self.sweep)
+            self.sweep = [
+                f"{key}={','.join(as_flag(v) for v in values)}" for key, values in grid.items()
+            ]
+
     tensorboard: bool = False
     """also log to <run>/tensorboard/"""
     wandb: str | None = None
@@ -175,6 +187,11 @@ def value_identity(value: Any) -> tuple[str, Any]:
     if isinstance(value, int | float):
         return ("number", "nan" if value != value else value)
     return ("json", json.dumps(value, sort_keys=True))
+
+
+def as_flag(value: Any) -> str:
+    """A value as ``--set`` and ``--sweep`` read it back (JSON, strings bare)."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def parse_sweep(items: list[str]) -> dict[str, list[Any]]:

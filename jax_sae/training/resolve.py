@@ -3,7 +3,6 @@ adapted defaults, and the run's record, ``config.json`` (checked before anything
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from jax_sae.training.config import (
     RESOLVED_CONFIG,
     ConfigError,
     TrainConfig,
+    as_flag,
     default_log_every,
     write_config_file,
 )
@@ -224,11 +224,6 @@ def start_run_dir(run: ResolvedRun, config: RunRecord) -> None:
     runs.write_json(run.out / runs.CONFIG, config.to_json())
     runs.write_status(run.out, runs.RUNNING)
     write_config_file(run.out / RESOLVED_CONFIG, run.settings)
-
-
-def as_flag(value: Any) -> str:
-    """A value as ``--set`` reads it back (JSON, strings bare)."""
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def continued_config(out: Path, old: RunRecord, new: RunRecord) -> RunRecord:

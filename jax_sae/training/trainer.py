@@ -135,6 +135,7 @@ class Trainer:
     def fit(self) -> list[FinishedRun]:
         """Train (or resume) and finish every run; one FinishedRun per run folder. With
         ``stream`` the extractor runs beside the training, and is stopped when it ends."""
+        self.config = settled_resume(self.config)
         assert self.config.cache is not None  # TrainConfig.checked requires it
         runs.check_out_folder(self.config.default_out(), Path(self.config.cache))
         producer = start_producer(self._extract_args()) if self.config.stream else None
@@ -255,7 +256,9 @@ class Trainer:
             )
         folder.mkdir(parents=True, exist_ok=True)
         runs.write_json(existing, record)
-        write_config_file(folder / RESOLVED_CONFIG, self.config.replace(resume=False))
+        write_config_file(
+            folder / RESOLVED_CONFIG, self.config.replace(resume=False, resume_if_exists=False)
+        )
 
     def _train_group(
         self, group: list[ResolvedRun], loader: BatchSource, label: str
@@ -396,6 +399,22 @@ def locked(folder: Path):
         yield
     finally:
         lock.release()
+
+
+def settled_resume(cfg: TrainConfig) -> TrainConfig:
+    """``--resume`` where ``--out`` holds a run (or sweep) to continue, else a ConfigError: a
+    mistyped folder must not silently start afresh. ``--resume-if-exists`` decides here."""
+    out = cfg.default_out()
+    record = out / (sweeps.SWEEP_FILE if cfg.sweep else runs.CONFIG)
+    if cfg.resume_if_exists:
+        return cfg.replace(resume=record.is_file(), resume_if_exists=False)
+    if cfg.resume and not record.is_file():
+        what = "sweep" if cfg.sweep else "run"
+        raise ConfigError(
+            f"--resume: {out} holds no {what} to continue (no {record.name}); check --out, or "
+            f"drop --resume to start one there (--resume-if-exists does either)"
+        )
+    return cfg
 
 
 def diverged_before(run: ResolvedRun) -> bool:
