@@ -11,7 +11,8 @@ Layers, each importing only those before it (docs/architecture.md):
     export    SAELens folders and SAEBench torch modules (numpy + torch only, never JAX)
 
 Above them, `jax_sae.sae` (`jax_sae.SAE`): a trained SAE loaded, used, exported and shared in a
-few lines; the one module that may import every layer.
+few lines; and `jax_sae.features`, the feature browser built on it. Only these two may import
+every layer.
 
 Entry points: `from jax_sae import SAE` to use a trained SAE, `from jax_sae.training import
 Trainer, TrainConfig` to train one. This file imports nothing until `jax_sae.SAE` is first used,
