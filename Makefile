@@ -49,6 +49,7 @@ DEMO_TRAIN := --cache $(DEMO_CACHE) --layer 2 --normalize --tokens 1000000 --set
 	--set d_sae=512 --set lr=0.003 --set warmup_steps=20 --resume-if-exists
 
 .PHONY: setup setup-eval test test-fast lint extract tiny-model train features export-eval compare demo bench \
+	synthsaebench-world bench-synth-sampler \
 	setup-peers bench-peers synth synth-eval synth-bench clean
 
 setup: $(VENV)/.installed
@@ -137,6 +138,16 @@ demo: tiny-model setup-eval
 	cat $(DEMO_SWEEP)/sweep.md
 	$(PY) -m jax_sae.report.compare $(DEMO_RUNS) $(DEMO_SWEEP)/*/ --out runs/demo_compare
 	cat runs/demo_compare/comparison.md
+
+# SynthSAEBench-16k's world (SAELens's config classes; ~1 min on 2 CPU cores), which train.py
+# samples on the device: make train CACHE=activations_cache/worlds/synthsaebench-16k LAYER=0
+SYNTHSAEBENCH_WORLD := activations_cache/worlds/synthsaebench-16k
+synthsaebench-world: setup-eval
+	$(PY_EVAL) -m synth.synthsaebench --out $(or $(OUT),$(SYNTHSAEBENCH_WORLD))
+
+# our on-device sampler against SAELens's and a training step, and their equivalence at 16k
+bench-synth-sampler: setup setup-eval
+	$(PY) benchmarks/bench_synth_sampler.py $(BENCH_FLAGS)
 
 # each research variant against its baseline on the world built for it -> benchmarks/SYNTH.md
 synth-bench: setup setup-eval

@@ -15,6 +15,12 @@ from jax_sae.data.cache import ActivationCache, hook_name
 from jax_sae.data.loader import DEFAULT_BUFFER_CHUNKS, DEFAULT_CHUNK_TOKENS, Loader, norm_scale
 from jax_sae.data.source import BatchSource, BatchSpec
 from jax_sae.data.stream import Producer, StreamCache, StreamingLoader
+from jax_sae.data.synthetic import (
+    SyntheticSource,
+    WorldError,
+    load_world,
+    world_norm_scale,
+)
 from jax_sae.model.defaults import adapt_hparams
 from jax_sae.model.variants import Variant, declared_defaults, make_variant, variant_spec
 from jax_sae.report import runs
@@ -67,6 +73,32 @@ def eval_tokens_for(cfg: TrainConfig, cache: ActivationCache | StreamCache) -> i
         return DEFAULT_EVAL_TOKENS
     assert isinstance(cache, ActivationCache)  # open_cache opens a stream only for cfg.stream
     return min(DEFAULT_EVAL_TOKENS, cache.n_tokens // 10)
+
+
+def world_source(
+    cfg: TrainConfig, sharding: Sharding | None = None, rows: slice | None = None
+) -> SyntheticSource:
+    """The batches of a run on a synthetic world folder (``--cache`` holding ``world.json``):
+    drawn on the device at each step. The world has one layer, 0."""
+    assert cfg.cache is not None and cfg.variant is not None
+    if cfg.stream is not None:
+        raise ConfigError(f"{cfg.cache} is a synthetic world, drawn on the device: drop --stream")
+    if cfg.layer != 0:
+        raise ConfigError(f"{cfg.cache} is a synthetic world with one layer: pass --layer 0")
+    try:
+        world = load_world(cfg.cache)
+    except WorldError as error:
+        raise ConfigError(str(error)) from None
+    spec = BatchSpec(
+        batch_size=cfg.batch_size,
+        seed=cfg.batch_seed,
+        batch_keys=variant_spec(cfg.variant).batch_keys,
+        scale=world_norm_scale(world) if cfg.normalize else 1.0,
+        sharding=sharding,
+        rows=rows,
+    )
+    eval_tokens = DEFAULT_EVAL_TOKENS if cfg.eval_tokens is None else cfg.eval_tokens
+    return SyntheticSource(world, spec, eval_tokens)
 
 
 def make_loader(

@@ -28,6 +28,7 @@ from safetensors.numpy import save as safetensors_bytes
 from jax_sae.data.cache import CacheError
 from jax_sae.data.source import BatchSource, LoaderError
 from jax_sae.data.stream import Producer, start_producer
+from jax_sae.data.synthetic import is_world
 from jax_sae.model.variants import VariantError
 from jax_sae.parallel.distributed import (
     DistributedError,
@@ -63,6 +64,7 @@ from jax_sae.training.resolve import (
     resolve_run,
     run_dir_config,
     start_run_dir,
+    world_source,
 )
 from jax_sae.training.tracking import ExperimentLog
 from jax_sae.util.disk import (
@@ -122,15 +124,17 @@ class Trainer:
     def _loader(self, producer: Producer | None) -> BatchSource:
         """The run's batches; with several processes, this process's rows of each."""
         cfg = self.config
-        cache = open_cache(cfg, producer)
-        if jax.process_count() == 1:
-            return make_loader(cfg, cache)
-        assert self.mesh is not None  # __init__ makes one whenever there are several processes
-        try:
-            sharding = batch_sharding(self.mesh, cfg.batch_size)
-        except ValueError as error:
-            raise ConfigError(f"--mesh {cfg.mesh}: {error}") from None
-        return make_loader(cfg, cache, sharding, local_rows(sharding, cfg.batch_size))
+        sharding, rows = None, None
+        if jax.process_count() > 1:
+            assert self.mesh is not None  # __init__ makes one whenever there are several processes
+            try:
+                sharding = batch_sharding(self.mesh, cfg.batch_size)
+            except ValueError as error:
+                raise ConfigError(f"--mesh {cfg.mesh}: {error}") from None
+            rows = local_rows(sharding, cfg.batch_size)
+        if cfg.cache is not None and is_world(cfg.cache):
+            return world_source(cfg, sharding, rows)
+        return make_loader(cfg, open_cache(cfg, producer), sharding, rows)
 
     def fit(self) -> list[FinishedRun]:
         """Train (or resume) and finish every run; one FinishedRun per run folder. With
