@@ -108,9 +108,18 @@ export-eval: setup setup-eval
 	$(PY_EVAL) -m saebench_eval.run $(RUN) --evals $(EVALS) \
 		$(if $(OFFLINE_MODEL),--offline-model $(OFFLINE_MODEL)) $(EVAL_FLAGS)
 
+# WORLD=synthsaebench-16k: drawn from that world by the on-device sampler (.venv), into a cache
 synth: setup-eval
+ifeq ($(WORLD),synthsaebench-16k)
+	$(MAKE) synthsaebench-world OUT=
+	$(MAKE) setup
+	$(PY) -m synth.world_cache --world $(SYNTHSAEBENCH_WORLD) \
+		--out $(or $(OUT),activations_cache/synth_$(WORLD)) --resume \
+		$(if $(filter command line,$(origin TOKENS)),--tokens $(TOKENS)) $(SYNTH_FLAGS)
+else
 	$(PY_EVAL) -m synth.make_world --world $(WORLD) --out $(or $(OUT),activations_cache/synth_$(WORLD)) \
 		$(if $(filter command line,$(origin TOKENS)),--tokens $(TOKENS)) $(SYNTH_FLAGS)
+endif
 
 synth-eval: setup setup-eval
 	@test -n "$(RUN)" || { echo "error: set RUN=runs/<name> (a run trained on a make synth world)" >&2; exit 2; }

@@ -118,3 +118,28 @@ def test_a_run_trains_on_the_world_drawn_on_the_device(world, tmp_path, capsys):
     assert info  # the held-out evaluation ran on drawn rows
     assert train.main([*argv[:2], "--layer", "1", *argv[4:-1], str(tmp_path / "b")]) == 2
     assert "pass --layer 0" in capsys.readouterr().err
+
+
+def test_a_cache_of_the_world_holds_its_draws_and_their_true_codes(world, tmp_path):
+    """``make synth WORLD=synthsaebench-16k``: an ordinary cache drawn by the JAX sampler, whose
+    held-out tail's true codes reconstruct its activations; the build is deterministic."""
+    from jax_sae.data.cache import ActivationCache
+    from synth.world_cache import write_world_cache
+
+    first = write_world_cache(world, tmp_path / "a", 20000)
+    again = write_world_cache(world, tmp_path / "b", 20000)
+    shards = [json.loads((out / "manifest.json").read_text())["shards"] for out in (first, again)]
+    assert shards[0] == shards[1]  # the same bytes: each shard's checksum
+    truth = load_file(first / "ground_truth.safetensors")
+    offset = int(truth["heldout_offset"][0])
+    cache = ActivationCache(first)
+    assert cache.complete and cache.n_tokens == 20000 and offset == 20000 - 16384
+    rows = slice(offset, offset + 100)
+    codes = np.zeros((100, 1024), np.float32)
+    for row in range(100):
+        lo, hi = truth["heldout_indptr"][row], truth["heldout_indptr"][row + 1]
+        codes[row, truth["heldout_indices"][lo:hi]] = truth["heldout_values"][lo:hi]
+    rebuilt = codes @ truth["feature_vectors"] + truth["bias"]
+    np.testing.assert_allclose(cache.acts(0)[rows], rebuilt, rtol=2e-2, atol=3e-2)  # bf16
+    assert (cache.tokens()[rows] == np.where(codes.max(1) > 0, codes.argmax(1) + 1, 0)).all()
+    assert (first / "world" / "synthetic_model.safetensors").is_file()
