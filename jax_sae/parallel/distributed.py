@@ -293,10 +293,13 @@ def same_everywhere(what: str, payload: Any) -> None:
     exited: set[int] = set()
 
     def ready() -> bool:
-        reported.update((int(k.rsplit("/", 1)[1]), v) for k, v in client.key_value_dir_get(folder))
+        # exits first, reports second: a process reports before it can exit, so one that
+        # reported and then stopped (on seeing the difference) is never taken for one that
+        # stopped without reporting
         exited.update(
             int(k.rsplit("/", 1)[1]) for k, _ in client.key_value_dir_get(f"{KEY_PREFIX}/exited/")
         )
+        reported.update((int(k.rsplit("/", 1)[1]), v) for k, v in client.key_value_dir_get(folder))
         return len(reported) == count or bool(exited - set(reported))
 
     timeout = _limit["timeout"]
