@@ -177,8 +177,10 @@ def decoder_directions(sae: SAE, block: int = 1024) -> np.ndarray:
     zero = np.asarray(sae.decode(np.zeros((1, sae.d_code), np.float32)))
     rows = []
     for start in range(0, sae.d_code, block):
-        eye = np.eye(sae.d_code, dtype=np.float32)[start : start + block]
-        rows.append(np.asarray(sae.decode(eye)) - zero)
+        n = min(block, sae.d_code - start)
+        basis = np.zeros((n, sae.d_code), np.float32)  # rows start .. start + n of the identity
+        basis[np.arange(n), start + np.arange(n)] = 1.0
+        rows.append(np.asarray(sae.decode(basis)) - zero)
     return np.concatenate(rows)
 
 
@@ -497,7 +499,7 @@ def make_page(
     overview, details = build_page_data(
         stats,
         cache.sequence_starts()[:n_tokens],
-        cache.tokens(),
+        cache.tokens()[:n_tokens],  # read once: the contexts slice it thousands of times
         partial(token_texts, tokenizer),
         extras,
     )

@@ -102,20 +102,29 @@ def check_out_dir(out: Path, model_name: str, resume: bool, force: bool) -> None
         )
 
 
-def ground_truth(model, parent, heldout: list[sp.csr_matrix], offset: int) -> dict:
-    """Tensors of `ground_truth.safetensors` (the held-out codes as CSR)."""
+def ground_truth(
+    feature_vectors: torch.Tensor,
+    bias: torch.Tensor,
+    firing_probabilities: torch.Tensor,
+    parent: torch.Tensor | None,
+    heldout: list[sp.csr_matrix],
+    offset: int,
+) -> dict:
+    """Tensors of `ground_truth.safetensors`: the true dictionary, bias and firing
+    probabilities, each feature's parent (-1: none; absent without a hierarchy), and the held-out
+    codes from token `offset` on as CSR."""
     codes = sp.vstack(heldout, format="csr")
     tensors = {
-        "feature_vectors": model.feature_dict.feature_vectors.detach().float(),
-        "bias": model.feature_dict.bias.detach().float(),
-        "firing_probabilities": model.activation_generator.firing_probabilities.float(),
+        "feature_vectors": feature_vectors.detach().float(),
+        "bias": bias.detach().float(),
+        "firing_probabilities": firing_probabilities.float(),
         "heldout_indptr": torch.from_numpy(codes.indptr.astype(np.int64)),
         "heldout_indices": torch.from_numpy(codes.indices.astype(np.int32)),
         "heldout_values": torch.from_numpy(codes.data.astype(np.float32)),
         "heldout_offset": torch.tensor([offset], dtype=torch.int64),
     }
     if parent is not None:
-        tensors["parent"] = parent
+        tensors["parent"] = parent.long()
     return {k: v.cpu().contiguous() for k, v in tensors.items()}
 
 
@@ -182,7 +191,14 @@ def build_world(args: argparse.Namespace) -> Path:
                 bar.update(size * seq_len)
             if (first + size) * seq_len > offset:
                 heldout.append(codes[max(0, offset - first * seq_len) :])
-    truth = ground_truth(model, worlds.parent_index(model), heldout, offset)
+    truth = ground_truth(
+        model.feature_dict.feature_vectors,
+        model.feature_dict.bias,
+        model.activation_generator.firing_probabilities,
+        worlds.parent_index(model),
+        heldout,
+        offset,
+    )
     metadata = {"world": world, "persistence": str(persistence), "layer": str(LAYER)}
     write_bytes_atomic(out / GROUND_TRUTH, save(truth, metadata=metadata))
     writer.finish()

@@ -26,11 +26,21 @@ from pathlib import Path
 import jax
 import numpy as np
 import scipy.sparse as sp
-from safetensors.numpy import load_file, save_file
+import torch
+from safetensors.numpy import load_file
+from safetensors.torch import save
 
 from jax_sae.data.cache import CacheError, CacheWriter
 from jax_sae.data.synthetic import WORLD_TABLES, WorldError, load_world
-from synth.make_world import GROUND_TRUTH, MODEL_PREFIX, WORLD_DIR, heldout_offset
+from jax_sae.util.files import write_bytes_atomic
+from synth.make_world import (
+    GROUND_TRUTH,
+    MODEL_PREFIX,
+    WORLD_DIR,
+    ground_truth,
+    heldout_offset,
+    token_ids,
+)
 
 SHARD_TOKENS = 131072
 DRAW_ROWS = 4096  # dense codes [4096, 16384] at a time: 256 MB
@@ -42,8 +52,7 @@ def draw_shard(world, key: jax.Array, n: int) -> tuple[np.ndarray, np.ndarray, s
     for index, start in enumerate(range(0, n, DRAW_ROWS)):
         h, x = world.draw(jax.random.fold_in(key, index), min(DRAW_ROWS, n - start))
         x = np.asarray(x)
-        strongest = x.argmax(axis=1)
-        tokens.append(np.where(x.max(axis=1) > 0, strongest + 1, 0).astype(np.int32))
+        tokens.append(token_ids(torch.from_numpy(x)))
         acts.append(np.asarray(h, np.float32))
         codes.append(sp.csr_matrix(x))
     return np.concatenate(acts), np.concatenate(tokens), sp.vstack(codes, format="csr")
@@ -83,19 +92,18 @@ def write_world_cache(
             print(f"shard {k}: {first + n} of {tokens} tokens", file=sys.stderr)
         if first + n > offset:
             heldout.append(codes[max(0, offset - first) :])
-    held = sp.vstack(heldout, format="csr")
-    tables = load_file(world_dir / WORLD_TABLES)
-    truth = {
-        "feature_vectors": tables["feature_vectors"],
-        "bias": tables["bias"],
-        "firing_probabilities": tables["firing_probabilities"],
-        "parent": tables["parent"].astype(np.int64),
-        "heldout_indptr": held.indptr.astype(np.int64),
-        "heldout_indices": held.indices.astype(np.int32),
-        "heldout_values": held.data.astype(np.float32),
-        "heldout_offset": np.array([offset], np.int64),
-    }
-    save_file(truth, out / GROUND_TRUTH, metadata={"world": world.name, "layer": "0"})
+    tables = {k: torch.from_numpy(v) for k, v in load_file(world_dir / WORLD_TABLES).items()}
+    truth = ground_truth(
+        tables["feature_vectors"],
+        tables["bias"],
+        tables["firing_probabilities"],
+        tables["parent"],
+        heldout,
+        offset,
+    )
+    write_bytes_atomic(
+        out / GROUND_TRUTH, save(truth, metadata={"world": world.name, "layer": "0"})
+    )
     if not (out / WORLD_DIR).exists():
         shutil.copytree(world_dir / WORLD_DIR, out / WORLD_DIR)
     writer.finish()

@@ -31,7 +31,7 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,12 @@ class World:
     @property
     def num_features(self) -> int:
         return int(self.tables["feature_vectors"].shape[0])
+
+    @cached_property
+    def mean_sq_norm(self) -> float:
+        """E||x||^2, from a fixed draw of NORM_ROWS rows (the same for every run; drawn once)."""
+        rows = self.draw(jax.random.key(0), NORM_ROWS)[0]
+        return float(jnp.mean(jnp.sum(rows * rows, axis=1)))
 
     def draw(self, key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
         """(hidden activations, true codes) of ``batch`` samples (``draw``)."""
@@ -329,7 +335,7 @@ class SyntheticSource:
         return self.world.draw(key, n)[0]
 
     def mean_sq_norm(self) -> float:
-        return world_mean_sq_norm(self.world)
+        return self.world.mean_sq_norm
 
     def batches(
         self,
@@ -392,12 +398,6 @@ class _Draws:
         self.close()
 
 
-def world_mean_sq_norm(world: World) -> float:
-    """E||x||^2 of a world, from a fixed draw of NORM_ROWS rows (the same for every run)."""
-    rows = world.draw(jax.random.key(0), NORM_ROWS)[0]
-    return float(jnp.mean(jnp.sum(rows * rows, axis=1)))
-
-
 def world_norm_scale(world: World) -> float:
     """Scalar s with E||s x||^2 = d_model (what ``--normalize`` applies to a cache)."""
-    return math.sqrt(world.d_model / world_mean_sq_norm(world))
+    return math.sqrt(world.d_model / world.mean_sq_norm)

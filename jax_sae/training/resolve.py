@@ -89,16 +89,24 @@ def world_source(
         world = load_world(cfg.cache)
     except WorldError as error:
         raise ConfigError(str(error)) from None
-    spec = BatchSpec(
+    scale = world_norm_scale(world) if cfg.normalize else 1.0
+    eval_tokens = DEFAULT_EVAL_TOKENS if cfg.eval_tokens is None else cfg.eval_tokens
+    return SyntheticSource(world, run_batch_spec(cfg, scale, sharding, rows), eval_tokens)
+
+
+def run_batch_spec(
+    cfg: TrainConfig, scale: float, sharding: Sharding | None, rows: slice | None
+) -> BatchSpec:
+    """The BatchSpec of a run, whichever source reads it."""
+    assert cfg.variant is not None  # TrainConfig.checked requires it
+    return BatchSpec(
         batch_size=cfg.batch_size,
         seed=cfg.batch_seed,
         batch_keys=variant_spec(cfg.variant).batch_keys,
-        scale=world_norm_scale(world) if cfg.normalize else 1.0,
+        scale=scale,
         sharding=sharding,
         rows=rows,
     )
-    eval_tokens = DEFAULT_EVAL_TOKENS if cfg.eval_tokens is None else cfg.eval_tokens
-    return SyntheticSource(world, spec, eval_tokens)
 
 
 def make_loader(
@@ -110,14 +118,8 @@ def make_loader(
     """The batches of a run (shared by every member of a sweep group); with ``rows`` this
     process's rows of each, as part of global arrays of ``sharding`` (several processes)."""
     assert cfg.layer is not None and cfg.variant is not None  # TrainConfig.checked requires them
-    spec = BatchSpec(
-        batch_size=cfg.batch_size,
-        seed=cfg.batch_seed,
-        batch_keys=variant_spec(cfg.variant).batch_keys,
-        scale=norm_scale(cache, cfg.layer) if cfg.normalize else 1.0,
-        sharding=sharding,
-        rows=rows,
-    )
+    scale = norm_scale(cache, cfg.layer) if cfg.normalize else 1.0
+    spec = run_batch_spec(cfg, scale, sharding, rows)
     eval_tokens = eval_tokens_for(cfg, cache)
     if cfg.stream is not None:
         assert isinstance(cache, StreamCache)  # open_cache opens a stream for cfg.stream
