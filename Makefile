@@ -49,8 +49,8 @@ DEMO_TRAIN := --cache $(DEMO_CACHE) --layer 2 --normalize --tokens 1000000 --set
 	--set d_sae=512 --set lr=0.003 --set warmup_steps=20 --resume-if-exists
 
 .PHONY: setup setup-eval test test-fast lint extract tiny-model train features export-eval compare demo bench \
-	synthsaebench-world bench-synth-sampler \
-	setup-peers bench-peers synth synth-eval synth-bench clean
+	synthsaebench-world synthsaebench bench-synth-sampler \
+	setup-peers bench-peers bench-gpu synth synth-eval synth-bench clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -158,6 +158,11 @@ synthsaebench-world: setup-eval
 bench-synth-sampler: setup setup-eval
 	$(PY) benchmarks/bench_synth_sampler.py $(BENCH_FLAGS)
 
+# every architecture at L0 25 on SynthSAEBench-16k beside the published table and SAELens's own
+# trainer -> benchmarks/SYNTHSAEBENCH.md; FULL=1: the published protocol (200M samples; a GPU)
+synthsaebench: setup setup-eval
+	$(PY) benchmarks/synthsaebench.py --budget $(if $(FULL),full,cpu) $(BENCH_FLAGS)
+
 # each research variant against its baseline on the world built for it -> benchmarks/SYNTH.md
 synth-bench: setup setup-eval
 	$(PY) benchmarks/synth_bench.py $(BENCH_FLAGS)
@@ -167,6 +172,11 @@ bench: setup
 	$(PY) benchmarks/bench_extract.py $(BENCH_FLAGS) | tee benchmarks/out/extract.md
 	$(PY) benchmarks/bench_train.py $(BENCH_FLAGS) | tee benchmarks/out/train.md
 	$(PY) benchmarks/bench_variants.py $(BENCH_FLAGS) | tee benchmarks/out/variants.md
+
+# every GPU figure we lack in under 8 minutes (a markdown section for RESULTS.md); on a GPU
+# machine: make setup && .venv/bin/pip install "jax[cuda13]>=0.6,<0.12" && make tiny-model && make bench-gpu
+bench-gpu: setup
+	$(PY) benchmarks/bench_gpu.py --out benchmarks/out/gpu.md $(BENCH_FLAGS)
 
 # Side by side with SAELens, sparsify and dictionary_learning (~15 min on 2 CPU cores; not in test).
 setup-peers: $(VENV_PEERS)/.installed

@@ -250,9 +250,9 @@ EVAL_SCRIPT = """
 import sys
 from pathlib import Path
 from synth.evaluate import evaluate_run
-samples = int(sys.argv[1])
-for run in sys.argv[2:]:
-    evaluate_run(Path(run), None, samples, "cpu")
+samples, world, heldout = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "heldout"
+for run in sys.argv[4:]:
+    evaluate_run(Path(run), Path(world) if world else None, samples, "cpu", heldout)
     print("scored", run, flush=True)
 """
 
@@ -262,12 +262,17 @@ def scored(folder: Path) -> bool:
     return "feature_recovery" in read_info(folder).get(RESULT_KEY, {})
 
 
-def score(folders: list[Path], samples: int) -> None:
+def score(
+    folders: list[Path], samples: int, world: Path | None = None, heldout: bool = False
+) -> None:
+    """Export and score (`synth.evaluate`, in `.venv-eval`) every run not scored yet; `world`:
+    the world cache, if not the runs' own; `heldout`: SAELens's evaluation on its samples."""
     todo = [f for f in folders if not scored(f)]
     for folder in todo:
         export_run(folder, force=True)
     if todo:
-        cmd = [str(EVAL_PYTHON), "-c", EVAL_SCRIPT, str(samples), *map(str, todo)]
+        cmd = [str(EVAL_PYTHON), "-c", EVAL_SCRIPT, str(samples), str(world or ""),
+               "heldout" if heldout else "drawn", *map(str, todo)]  # fmt: skip
         subprocess.run(cmd, cwd=REPO, env=eval_env(), check=True)
 
 

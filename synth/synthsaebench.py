@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m synth.synthsaebench", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write the world to")
     parser.add_argument("--small", action="store_true", help="the test-sized world (1024 x 64)")
+    parser.add_argument("--hidden", type=int, help="with --small: this hidden size instead of 64")
     parser.add_argument(
         "--stats",
         type=Path,
@@ -262,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         print(f"error: {args.out} is not empty; pass --out a new folder", file=sys.stderr)
         return 2
-    cfg = world_config(**SMALL) if args.small else world_config()
+    if args.hidden is not None and not args.small:
+        parser.error("--hidden resizes the --small world only; add --small")
+    cfg = world_config(**(SMALL | {"hidden_dim": args.hidden or SMALL["hidden_dim"]}))
+    if not args.small:
+        cfg = world_config()
     start = time.perf_counter()
     model = build_model(cfg)
     name = "synthsaebench-small" if args.small else "synthsaebench-16k"

@@ -112,7 +112,7 @@ class MetricsWindow:
         tokens_per_s = (done - step0) * self.batch_size / max(now - time0, 1e-9)
         self.sums, self.count, self.since = None, 0, (done, now)
         size = len(means["loss"])
-        base = {"step": done, "tokens": done * self.batch_size}
+        base = {"step": done, "tokens": done * self.batch_size, "tokens_per_s": tokens_per_s}
         return [
             base | {k: float(v[i]) for k, v in means.items()} for i in range(size)
         ], tokens_per_s
