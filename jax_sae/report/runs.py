@@ -30,6 +30,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "config.json"
 FINAL_INFO = "final_info.json"
 METRICS = "metrics.jsonl"
+TIMING_KEYS = ("tokens_per_s",)
+"""Keys of a metrics.jsonl record that measure wall-clock time, not training: a resumed run's
+records equal the uninterrupted run's in every other key."""
 PARAMS = "sae_params.safetensors"
 STATUS = "status.json"
 LOCK = "train.lock"
