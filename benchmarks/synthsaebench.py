@@ -356,8 +356,9 @@ def at_l0(rows: list[dict], l0: float) -> dict[str, float | None] | None:
     for (l0_a, a), (l0_b, b) in zip(points, points[1:], strict=False):
         if l0_a <= l0 <= l0_b:
             t = (np.log(l0) - np.log(l0_a)) / (np.log(l0_b) - np.log(l0_a))
-            return {key: None if a[key] is None or b[key] is None
-                    else float(a[key] + t * (b[key] - a[key])) for key in a}  # fmt: skip
+            row = {key: None if a[key] is None or b[key] is None
+                   else float(a[key] + t * (b[key] - a[key])) for key in a}  # fmt: skip
+            return row | {"L0": float(l0)}
     return None
 
 

@@ -41,11 +41,13 @@ def test_every_figure_is_measured_at_toy_sizes(tmp_path, monkeypatch):
     assert "streaming: no tiny model" in text
 
 
-def test_the_budget_cuts_the_plan_and_keeps_the_table(tmp_path):
+def test_the_budget_cuts_the_plan_and_keeps_the_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_gpu, "TINY_MODEL", tmp_path / "no-model")
     out = tmp_path / "gpu.md"
     assert bench_gpu.main(["--toy", "--out", str(out), "--budget-s", "0"]) == 0
     text = out.read_text()
-    assert "Skipped (time budget or missing input): roofline: B 256" in text
+    skipped = "Skipped (time budget or missing input): streaming: no tiny model in "
+    assert skipped in text and "; roofline: B 256, d 64, F 256, bfloat16;" in text
     assert "| standard, F 256, bfloat16 |" not in text
 
 

@@ -74,6 +74,7 @@ def test_a_sweep_is_read_at_the_target_l0_in_log_l0():
     at_20 = bench.at_l0(rows, 20.0)
     assert at_20 is not None
     assert at_20["MCC"] == pytest.approx(0.6)  # halfway between 10 and 40 in log L0
+    assert at_20["L0"] == 20.0
     assert at_20["F1"] is None
     assert bench.at_l0(rows, 80.0)["MCC"] == pytest.approx(0.45)
     assert bench.at_l0(rows, 5.0) is None and bench.at_l0(rows, 200.0) is None
