@@ -12,6 +12,7 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -44,7 +45,19 @@ OTHER_VARIANTS = {
     "pair_ortho": {},
     "two_level": {},
 }
-"""Every other variant, on the 2 x 2 mesh only (it splits both axes)."""
+"""Every other variant, on the 2 x 2 mesh (it splits both axes)."""
+OTHER_TOPK_FAMILY = ("batchtopk", "matryoshka", "two_level")
+"""...and the rest of the TopK family on 1 x 4 too, where the sparse path's pairs cross shards."""
+COLLECTIVE_RUNS = {
+    "topk": {"k": 8},
+    "batchtopk": {"k": 8},
+    "matryoshka": {"k": 8},
+    # one token chunk: the compiled loop body is then the whole step's co-firing traffic
+    "hier_ortho": {"k": 8, "token_chunk": BATCH},
+    "two_level": {"k_b": 8, "k_c": 2},
+    "topk_dense": {"k": 8, "dense": True},
+}
+"""The TopK family (and the dense reference path) whose compiled collectives are read."""
 
 
 def batches(keys: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
@@ -85,13 +98,18 @@ def layouts_kept(state, shardings) -> bool:
     return all(leaf.sharding.is_equivalent_to(s, leaf.ndim) for leaf, s in pairs)
 
 
-def meshes_vs_one_device(arrays: dict, facts: dict, variants: dict, meshes: tuple) -> None:
+def meshes_vs_one_device(
+    arrays: dict, facts: dict, variants: dict, meshes: tuple, skip_one_device: bool = False
+) -> None:
+    """Train each variant on one device (unless already done) and on each mesh."""
     for name, hparams in variants.items():
         variant = make_variant(name, D_IN, D_SAE, **hparams)
         opt = make_optimizer(lr=1e-3, warmup_steps=2)
         data = batches(variant.batch_keys)
         step_fn = make_train_step(variant, opt)
-        arrays |= flat(f"{name}/1", train(step_fn, initial(variant, opt, 0, data[0]["x"]), data))
+        if not skip_one_device:
+            one = train(step_fn, initial(variant, opt, 0, data[0]["x"]), data)
+            arrays |= flat(f"{name}/1", one)
         for mesh_name in meshes:
             mesh = mesh_of(mesh_name)
             state = initial(variant, opt, 0, data[0]["x"])
@@ -128,19 +146,48 @@ def top_k(arrays: dict) -> None:
         arrays[f"top_k/{name}/indices"] = np.asarray(indices)
 
 
-def gathers_all_codes(facts: dict) -> None:
-    """Whether the compiled topk step on 2 x 2 all-gathers a whole [B, F] array."""
-    variant = make_variant("topk", D_IN, D_SAE, k=8)
-    opt = make_optimizer(lr=1e-3, warmup_steps=2)
-    mesh = mesh_of("2x2")
-    state = initial(variant, opt, 0, None)
-    shardings = layout.state_shardings(mesh, state, D_SAE)
-    step_fn = layout.shard_train_step(make_train_step(variant, opt), mesh, shardings, BATCH)
-    batch = {"x": np.zeros((BATCH, D_IN), np.float32)}
-    hlo = step_fn.lower(*state, batch, jnp.int32(0)).compile().as_text()
-    full = f"f32[{BATCH},{D_SAE}]"
-    facts["all_gathers"] = [line for line in hlo.splitlines() if " all-gather(" in line]
-    facts["gathers_all_codes"] = any(full in line for line in facts["all_gathers"])
+def formula_bytes(name: str, variant, data: int, model: int) -> float:
+    """`layout.collective_bytes_per_step` with the variant's own selection widths."""
+    hp = variant.hparams
+    per_token_k = None if name in ("batchtopk", "matryoshka") else hp.get("k", hp.get("k_b"))
+    cofiring_k = hp["k"] if name == "hier_ortho" else None
+    return layout.collective_bytes_per_step(
+        D_IN, D_SAE, BATCH, data, model, per_token_k, hp.get("k_aux"), cofiring_k
+    )["total"]
+
+
+def whole_gathers(hlo: str) -> list[str]:
+    """All-gathers whose result has an axis of d_sae latents or a multiple of it: a gathered
+    [B, F] array (also flattened) or decoder; at these sizes no candidate gather is that wide."""
+    out = []
+    for line in hlo.splitlines():
+        if " all-gather(" in line or " all-gather-start(" in line:
+            shape = line.split("=", 1)[1].split(" all-gather")[0]
+            groups = re.findall(r"\[([0-9,]+)\]", shape)
+            dims = [int(d) for group in groups for d in group.split(",")]
+            if any(d % D_SAE == 0 for d in dims):
+                out.append(line.strip()[:200])
+    return out
+
+
+def collectives(facts: dict) -> None:
+    """Per TopK-family variant and mesh: the bytes one device sends per compiled step, the
+    formula's, and any all-gather of a whole [B, F] array or decoder."""
+    for name, hparams in COLLECTIVE_RUNS.items():
+        variant = make_variant(name.removesuffix("_dense"), D_IN, D_SAE, **hparams)
+        opt = make_optimizer(lr=1e-3, warmup_steps=2)
+        state = initial(variant, opt, 0, None)
+        batch = {key: np.zeros((BATCH, D_IN), np.float32) for key in variant.batch_keys}
+        for mesh_name, (data, model) in MESHES.items():
+            mesh = mesh_of(mesh_name)
+            shardings = layout.state_shardings(mesh, state, D_SAE)
+            step_fn = layout.shard_train_step(make_train_step(variant, opt), mesh, shardings, BATCH)
+            hlo = step_fn.lower(*state, batch, jnp.int32(0)).compile().as_text()
+            facts[f"collectives/{name}/{mesh_name}"] = {
+                "compiled": layout.compiled_collective_bytes(hlo)["total"],
+                "formula": formula_bytes(name, variant, data, model),
+                "whole_gathers": whole_gathers(hlo),
+            }
 
 
 def checkpoint_across_meshes(arrays: dict, facts: dict, directory: Path) -> None:
@@ -168,9 +215,11 @@ def main(out: Path) -> None:
     facts: dict = {"devices": jax.device_count()}
     meshes_vs_one_device(arrays, facts, VARIANTS, tuple(MESHES))
     meshes_vs_one_device(arrays, facts, OTHER_VARIANTS, ("2x2",))
+    family = {name: OTHER_VARIANTS[name] for name in OTHER_TOPK_FAMILY}
+    meshes_vs_one_device(arrays, facts, family, ("1x4",), skip_one_device=True)
     sweep(arrays)
     top_k(arrays)
-    gathers_all_codes(facts)
+    collectives(facts)
     checkpoint_across_meshes(arrays, facts, out / "checkpoints")
     np.savez(out / "arrays.npz", **arrays)
     (out / "facts.json").write_text(json.dumps(facts))

@@ -21,6 +21,7 @@ from jax_sae.training.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 MESH_RUNS = ["topk", "standard", "hier_ortho", "temporal"]
+OTHER_VARIANTS = ["batchtopk", "matryoshka", "jumprelu", "freq", "pair_ortho", "two_level"]
 
 
 def abstract_mesh(data: int, model: int) -> AbstractMesh:
@@ -101,16 +102,57 @@ def test_indivisible_sizes_name_the_fix():
 
 def test_collective_bytes_by_hand():
     """d 4, F 8, B 16 on 2 x 2, k 2: gradient shard 4 * ((2*4*8 + 8) / 2 + 4) = 160 bytes,
-    ring over 2 sends all of it; x_hat [8, 4] -> 128; candidates 8 tokens * 2 * 8 bytes * 1."""
+    ring over 2 sends all of it; x_hat [8, 4] -> 128; candidates 8 tokens * 2 * 8 bytes * 1;
+    selected values [8, 2] and their gradient, 64 bytes each, ring over 2 -> 128."""
     got = layout.collective_bytes_per_step(4, 8, 16, data=2, model=2, k=2)
     assert got == {
         "gradient_all_reduce": 160,
         "decoder_all_reduce": 128,
         "top_k_gather": 128,
-        "total": 416,
+        "pair_all_reduce": 128,
+        "auxk": 0,
+        "cofiring_rows": 0,
+        "total": 544,
     }
-    one_device = layout.collective_bytes_per_step(4, 8, 16, data=1, model=1, k=2)
+    one_device = layout.collective_bytes_per_step(4, 8, 16, data=1, model=1, k=2, k_aux=1)
     assert one_device["total"] == 0
+
+
+def test_collective_bytes_of_auxk_and_cofiring_by_hand():
+    """AuxK with k_aux 1: a second gradient all-reduce (160) and reconstruction (128), candidates
+    8 tokens * 1 * 8 bytes (64), values and gradient 2 * 32 bytes (64). Co-firing rows of k 2:
+    [8 tokens, 2, d 4 + B 16 + 1] float32 = 1344 bytes, ring over 2."""
+    got = layout.collective_bytes_per_step(4, 8, 16, data=2, model=2, k=2, k_aux=1, cofiring_k=2)
+    assert got["auxk"] == 160 + 128 + 64 + 64
+    assert got["cofiring_rows"] == 1344
+    assert got["total"] == 544 + 416 + 1344
+
+
+HLO_COLLECTIVES = """
+  %a = f32[8,4]{1,0} all-reduce(%x), channel_id=1, replica_groups={{0,1},{2,3}}, to_apply=%add
+  %b = (f32[16]{0}, s32[4]{0}) all-reduce(%y, %z), replica_groups=[2,2]<=[4], to_apply=%add
+  %c = f32[4,16]{0,1} all-gather(%w), replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_1'}, x
+  %d = pred[4]{0} all-reduce(%v), replica_groups={{0},{1},{2},{3}}, to_apply=%or
+  %e = bf16[2,8]{1,0} reduce-scatter(%u), replica_groups={{0,1,2,3}}, dimensions={0}
+  %f = f32[4]{0} collective-permute(%t), source_target_pairs={{0,1},{1,0}}
+  %g = f32[4]{0} collective-permute(%s), source_target_pairs={{0,0},{1,1}}
+  %h = f32[1024]{0} add(%all-reduce, %q)
+"""
+
+
+def test_compiled_collective_bytes_reads_every_spelling():
+    """Ring bytes per device: all-reduce 128 B over 2 -> 128; (64 + 16) B over 2 -> 80; an
+    all-gather of 256 B over 2 -> 128; groups of one send nothing; reduce-scatter of a 32 B
+    shard over 4 -> 96; a permute to another device 16, to itself 0; `add` is no collective."""
+    got = layout.compiled_collective_bytes(HLO_COLLECTIVES)
+    assert got == {
+        "all-reduce": 208,
+        "all-gather": 128,
+        "reduce-scatter": 96,
+        "all-to-all": 0,
+        "collective-permute": 16,
+        "total": 448,
+    }
 
 
 # ------------------------------------------------------------------------------ 4 devices
@@ -154,12 +196,16 @@ def test_mesh_gives_the_weights_of_one_device(runs, variant, mesh):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "variant", ["batchtopk", "matryoshka", "jumprelu", "freq", "pair_ortho", "two_level"]
+    "variant, mesh",
+    [
+        *[(name, "2x2") for name in OTHER_VARIANTS],
+        *[(name, "1x4") for name in ("batchtopk", "matryoshka", "two_level")],
+    ],
 )
-def test_every_other_variant_on_2x2_gives_the_weights_of_one_device(runs, variant):
+def test_every_other_variant_gives_the_weights_of_one_device(runs, variant, mesh):
     arrays, facts = runs
-    assert_same_state(run_of(arrays, f"{variant}/2x2"), run_of(arrays, f"{variant}/1"))
-    assert facts[f"layouts_kept/{variant}/2x2"]
+    assert_same_state(run_of(arrays, f"{variant}/{mesh}"), run_of(arrays, f"{variant}/1"))
+    assert facts[f"layouts_kept/{variant}/{mesh}"]
 
 
 @pytest.mark.slow
@@ -179,12 +225,30 @@ def test_sharded_top_k_equals_lax_top_k_ties_included(runs, mesh):
         np.testing.assert_array_equal(arrays[f"top_k/{mesh}/{part}"], arrays[f"top_k/lax/{part}"])
 
 
+COLLECTIVE_VARIANTS = ["topk", "batchtopk", "matryoshka", "hier_ortho", "two_level", "topk_dense"]
+
+
 @pytest.mark.slow
-def test_sharded_step_never_gathers_all_codes(runs):
-    """GSPMD replicates a top-k's operand; routed through `sharded_top_k` only candidates move."""
+@pytest.mark.parametrize("mesh", ["4x1", "2x2", "1x4"])
+@pytest.mark.parametrize("variant", COLLECTIVE_VARIANTS)
+def test_step_moves_what_the_formula_says(runs, variant, mesh):
+    """The bytes a device sends in the compiled step (`compiled_collective_bytes`) are within 2x
+    of `collective_bytes_per_step`, and no all-gather holds a whole [B, F] array or decoder.
+    Before the sparse path ran under shard_map, topk on 1 x 4 sent 3.3x the formula (the
+    gathered decoder rows [B k, d] summed over `model`) and matryoshka 7x."""
     _, facts = runs
-    assert facts["all_gathers"], "expected the candidate gathers of the top-k"
-    assert not facts["gathers_all_codes"], "\n".join(facts["all_gathers"])
+    got = facts[f"collectives/{variant}/{mesh}"]
+    assert 0.5 <= got["compiled"] / got["formula"] <= 2.0, got
+    assert not got["whole_gathers"], "\n".join(got["whole_gathers"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["2x2", "1x4"])
+def test_sparse_topk_step_moves_the_formula_to_a_few_percent(runs, mesh):
+    """topk's sparse path, whose every collective the formula names: within 5%."""
+    _, facts = runs
+    got = facts[f"collectives/topk/{mesh}"]
+    assert got["compiled"] == pytest.approx(got["formula"], rel=0.05), got
 
 
 @pytest.mark.slow

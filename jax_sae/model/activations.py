@@ -5,13 +5,16 @@ Shared by the architectures (`jax_sae.model.architectures`) and the loss terms
 in exactly one place.
 """
 
+from collections.abc import Callable
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jax_sae.parallel import layout
+from jax_sae.parallel.layout import AXES
 
 
 def _order_key(x: jax.Array) -> jax.Array:
@@ -25,19 +28,24 @@ def _from_order_key(key: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def kth_largest(x: jax.Array, k: int) -> jax.Array:
+def kth_largest(
+    x: jax.Array, k: int, total: Callable[[jax.Array], jax.Array] | None = None
+) -> jax.Array:
     """Exact k-th largest value along the last axis of `x` (shape [..., n] -> [...]), no gradient.
 
     A bitwise binary search: 32 passes of compare-and-count over `x` find, bit by bit from the top,
     the largest float t with `count(x >= t) >= k`, which is the k-th largest value. Its cost does
     not depend on k, so it beats `lax.top_k` when k is very large (BatchTopK's k * B of a whole
-    batch; `benchmarks/bench_topk.py`); for per-row k it is several times slower.
+    batch; `benchmarks/bench_topk.py`); for per-row k it is several times slower. `total` sums
+    the counts over the shards of a larger array (a `psum` inside `shard_map`).
     """
     key = _order_key(lax.stop_gradient(x))
 
     def set_next_bit(i, threshold):
         candidate = threshold | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
         count = jnp.sum(key >= candidate[..., None], axis=-1)
+        if total is not None:
+            count = total(count)
         return jnp.where(count >= k, candidate, threshold)
 
     threshold = lax.fori_loop(0, 32, set_next_bit, jnp.zeros(key.shape[:-1], jnp.uint32))
@@ -71,7 +79,19 @@ it with `kth_largest` (measured crossover on XLA:CPU: `benchmarks/bench_topk.py`
 
 
 def batch_kth_largest(acts: jax.Array, n_keep: int) -> jax.Array:
-    """The `n_keep`-th largest entry of the whole array (a scalar), no gradient."""
+    """The `n_keep`-th largest entry of the whole array (a scalar), no gradient.
+
+    On a device mesh ([B, F] split as (data, model)) each device counts over its own block and
+    only the counts are summed, where a top-k would gather the whole array to every device.
+    """
+    mesh = layout.step_mesh()
+    if mesh is not None and layout.splits(acts.shape, 1, mesh):
+        return jax.shard_map(
+            lambda block: kth_largest(block.reshape(-1), n_keep, lambda c: lax.psum(c, AXES)),
+            mesh=mesh,
+            in_specs=P(*AXES),
+            out_specs=P(),
+        )(lax.stop_gradient(acts))
     flat = lax.stop_gradient(acts).reshape(-1)
     if n_keep <= BATCH_TOPK_SORT_MAX:
         return lax.top_k(flat, n_keep)[0].min()

@@ -35,6 +35,7 @@ from jax_sae.model.init import (
     unit_rows_kaiming,
     unit_rows_normal,
 )
+from jax_sae.parallel import layout
 
 Params = dict[str, jax.Array]
 State = dict[str, jax.Array]
@@ -195,14 +196,20 @@ class ReLUSAE(nn.Module):
         )
 
     def selected_pre(
-        self, x: jax.Array, pre: jax.Array, rows: jax.Array, cols: jax.Array
+        self,
+        x: jax.Array,
+        pre: jax.Array,
+        rows: jax.Array,
+        cols: jax.Array,
+        per_row: bool = True,
     ) -> jax.Array:
         """`pre[rows, cols]` for `pre = Forward.pre` of `x`, differentiable w.r.t. the encoder.
 
         On the dense path `pre` carries its gradient; the sparse path overrides this with a
-        scatter-add backward over the given pairs only (`sparse.encode_at`).
+        scatter-add backward over the given pairs only (`sparse.encode_at`). `per_row`: the
+        pairs come from `sparse.per_row_pairs` (else from the architecture's own `select`).
         """
-        return pre[rows, cols]
+        return sparse.gather_pairs(pre, rows, cols)
 
     def activate_train(self, pre: jax.Array) -> jax.Array:
         """Training-time activation."""
@@ -300,11 +307,11 @@ class TopKFamilySAE(ReLUSAE):
         w_enc = self.param(f"W_enc{suffix}", lambda _key, _shape: w_dec.T, (self.d_in, n_latents))
         return w_enc, w_dec
 
-    def selected_pre(self, x, pre, rows, cols) -> jax.Array:
+    def selected_pre(self, x, pre, rows, cols, per_row: bool = True) -> jax.Array:
         if self.dense:
             return super().selected_pre(x, pre, rows, cols)
         return sparse.encode_at(
-            x, self.b_dec, self.W_enc, self.b_enc, pre, rows, cols, self.compute_dtype
+            x, self.b_dec, self.W_enc, self.b_enc, pre, rows, cols, self.compute_dtype, per_row
         )
 
     def dense_pre(self, x: jax.Array) -> jax.Array:
@@ -357,9 +364,10 @@ class TopKSAE(TopKFamilySAE):
             return super().forward(x)
         pre = self.dense_pre(x)
         rows, cols = self.select(pre)
-        values = jax.nn.relu(self.selected_pre(x, pre, rows, cols))
+        per_row = self.PER_ROW_SELECTION
+        values = jax.nn.relu(self.selected_pre(x, pre, rows, cols, per_row))
         x_hat = self.sparse_decode(values, rows, cols, x.shape[0]) + self.b_dec
-        h = sparse.densify(values, rows, cols, pre.shape)
+        h = sparse.densify(values, rows, cols, pre.shape, per_row)
         return SparseForward(pre=pre, h=h, x_hat=x_hat, rows=rows, cols=cols, values=values)
 
     @classmethod
@@ -395,7 +403,11 @@ class BatchTopKSAE(TopKSAE):
         return batch_topk_relu(pre, self.k)
 
     def select(self, pre: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The k * B largest pairs of the batch; on a device mesh each device lists its own
+        (`sparse.owned_batch_pairs`), so no [B, F] array is gathered."""
         n_keep = min(self.k * pre.shape[0], pre.size)
+        if layout.step_mesh() is not None:
+            return sparse.owned_batch_pairs(jax.nn.relu(pre), n_keep)
         flat = batch_topk_indices(jax.nn.relu(pre), n_keep)
         return sparse.flat_pairs(flat, pre.shape[-1])
 

@@ -32,14 +32,23 @@ regulariser state, RNG keys):
 * with `member_axis=True` (vmapped sweeps) the leading axis is the sweep member and is never split;
   the rule applies to the rest of the shape.
 
-Top-k: GSPMD gathers the whole [B, F] operand of a `lax.top_k` to every device. Inside a step of
-`shard_train_step` the per-token top-k of the TopK family (`activations.topk`) therefore goes
-through `sharded_top_k`, which moves only each shard's k candidates. Still gathered: BatchTopK's
-top-k over the flattened batch. The sparse path's flat (token, latent) coordinate lists
-(`jax_sae.model.sparse`) are not split by GSPMD either: it all-reduces the gathered decoder rows
-[B k, d] over `model`, and a [B, F] scatter over `data`.
+Where GSPMD alone would move too much, the model's code runs under `shard_map` inside a step of
+`shard_train_step` (which puts the mesh in context, `step_mesh`):
+
+* GSPMD gathers the whole [B, F] operand of a `lax.top_k` to every device; the per-token top-k of
+  the TopK family (`activations.topk`) goes through `sharded_top_k`, which moves only each
+  shard's k candidates, and BatchTopK's batch-wide threshold (`activations.batch_kth_largest`)
+  sums counts across shards;
+* the sparse path's (token, latent) pairs (`jax_sae.model.sparse`): each device gathers and
+  scatter-adds only its own latents' decoder and encoder rows, and the reconstruction is summed
+  over `model`; GSPMD would all-reduce the gathered decoder rows [B k, d].
+
+`collective_bytes_per_step` says what a step should move; `compiled_collective_bytes` reads what
+the compiled program does (tests/test_mesh.py holds the two within 2x for the TopK family).
 """
 
+import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -167,7 +176,7 @@ def shard_train_step(
     )
 
 
-def _splits(shape: tuple[int, ...], k: int, mesh: Mesh | AbstractMesh) -> bool:
+def splits(shape: tuple[int, ...], k: int, mesh: Mesh | AbstractMesh) -> bool:
     """x [B, F] splits into (data, model) blocks of at least k latents per row."""
     if len(shape) != 2:
         return False
@@ -175,12 +184,21 @@ def _splits(shape: tuple[int, ...], k: int, mesh: Mesh | AbstractMesh) -> bool:
     return rows % mesh.shape["data"] == 0 and latents % model == 0 and k <= latents // model
 
 
+def step_mesh() -> AbstractMesh | None:
+    """The mesh of the enclosing step of `shard_train_step` (which puts it in context), or None
+    outside one and on a single device: where the model's collective-aware code paths apply."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not set(AXES) <= set(mesh.axis_names) or mesh.size == 1:
+        return None
+    return mesh
+
+
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """`lax.top_k(x, k)`, through `sharded_top_k` inside a step of `shard_train_step` (where the
     mesh is in context) when x [B, F] splits over it. GSPMD replicates the operand of a top-k:
     it would all-gather the whole [B, F] to every device, even one split along B only."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if set(AXES) <= set(mesh.axis_names) and _splits(x.shape, k, mesh):
+    mesh = step_mesh()
+    if mesh is not None and splits(x.shape, k, mesh):
         return sharded_top_k(x, k, mesh)
     return lax.top_k(x, k)
 
@@ -190,7 +208,7 @@ def sharded_top_k(x: jax.Array, k: int, mesh: Mesh | AbstractMesh) -> tuple[jax.
     per model shard, an all-gather of the model * k candidates (values and global indices), and
     a top-k of those. Equal to the unsharded result, ties included (both prefer lower indices).
     """
-    if not _splits(x.shape, k, mesh):
+    if not splits(x.shape, k, mesh):
         raise ValueError(
             f"top-{k} of {x.shape} on mesh {dict(mesh.shape)} needs [B, F] with B divisible by "
             "data, F by model and k <= F / model"
@@ -216,7 +234,14 @@ def _ring_all_reduce(nbytes: float, devices: int) -> float:
 
 
 def collective_bytes_per_step(
-    d_in: int, d_sae: int, batch: int, data: int, model: int, k: int | None = None
+    d_in: int,
+    d_sae: int,
+    batch: int,
+    data: int,
+    model: int,
+    k: int | None = None,
+    k_aux: int | None = None,
+    cofiring_k: int | None = None,
 ) -> dict[str, float]:
     """Bytes one device sends per training step under this module's layout, by formula.
 
@@ -229,18 +254,100 @@ def collective_bytes_per_step(
       reconstruction [B / data, d_in] is a sum over `model`; everything downstream of it
       (gradient w.r.t. x_hat, then the local latents) needs no more traffic;
     * `top_k_gather` (with k, model parallelism): the k candidates per token of each model shard,
-      values and int32 indices, gathered by every shard (`sharded_top_k`); AuxK adds the same with
-      its own k.
+      values and int32 indices, gathered by every shard (`sharded_top_k`);
+    * `pair_all_reduce` (with k, the sparse path, `jax_sae.model.sparse`): the selected
+      pre-activations [B / data, k] read by their owners and summed over `model`, and their
+      gradient coming back from the decoder, the same size;
+    * with `k_aux` (AuxK, only in steps where some latent is dead): its top-k gather and pair
+      all-reduces with k_aux, its own reconstruction [B / data, d_in] over `model`, and, because
+      its gradient is computed in a branch of its own (`lax.cond`), a second gradient all-reduce;
+    * with `cofiring_k` (`hier_ortho`'s batch co-firing pairs): every token's k active decoder
+      rows and their firing columns over the batch, [B / data, k, d_in + B] summed over `model`
+      in chunks: pairs of latents on different shards must meet somewhere, so this term is
+      inherent to the per-token pair sum, not to the layout.
 
     Left out: vectors of size d_in or F / model (the b_dec gradient's mat-vec, dead-latent
-    counts) and scalars (loss, metrics). This is what the layout needs, not what GSPMD emits for
-    the sparse TopK path (see the module docstring). For `standard` (d_in 32, F 1024, B 256) the
-    gradient and decoder all-reduces XLA emits on 4 x 1, 2 x 2 and 1 x 4 are within 2% of it.
+    counts, BatchTopK's threshold search) and scalars (loss, metrics). `compiled_collective_bytes`
+    reads what XLA emits; tests/test_mesh.py checks the two agree within 2x on 4 CPU devices.
     """
     params_per_device = (2 * d_in * d_sae + d_sae) / model + d_in
+    rows = batch / data
+
+    def selection(width: int | None) -> tuple[float, float]:
+        if width is None:
+            return 0.0, 0.0
+        return 8 * rows * width * (model - 1), 2 * _ring_all_reduce(4 * rows * width, model)
+
+    gather, pairs = selection(k)
+    aux_gather, aux_pairs = selection(k_aux)
+    gradient = _ring_all_reduce(4 * params_per_device, data)
+    decoder = _ring_all_reduce(4 * rows * d_in, model)
+    aux = 0.0 if k_aux is None else gradient + decoder + aux_gather + aux_pairs
+    cofiring = 0.0
+    if cofiring_k is not None:
+        cofiring = _ring_all_reduce(4 * rows * cofiring_k * (d_in + batch + 1), model)
     out = {
-        "gradient_all_reduce": _ring_all_reduce(4 * params_per_device, data),
-        "decoder_all_reduce": _ring_all_reduce(4 * batch / data * d_in, model),
-        "top_k_gather": 0.0 if k is None else 8 * batch / data * k * (model - 1),
+        "gradient_all_reduce": gradient,
+        "decoder_all_reduce": decoder,
+        "top_k_gather": gather,
+        "pair_all_reduce": pairs,
+        "auxk": aux,
+        "cofiring_rows": cofiring,
     }
+    return out | {"total": sum(out.values())}
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+"""Bytes per element of HLO types other than the 4-byte f32, s32, u32 (8 for *64)."""
+_COLLECTIVE_LINE = re.compile(
+    r"= (?P<shape>.+?) (?P<op>" + "|".join(COLLECTIVES) + r")(?:-start)?\((?P<rest>.*)$"
+)
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def _array_bytes(shape: str) -> int:
+    """Bytes of an HLO result shape, one array or a tuple of them ("(f32[4,8]{1,0}, f32[])")."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        size = math.prod(int(d) for d in dims.split(",") if d)
+        total += size * (8 if dtype.endswith("64") else DTYPE_BYTES.get(dtype, 4))
+    return total
+
+
+def _group_size(attributes: str) -> int:
+    """Devices per group of a collective, from any of XLA's three spellings of replica_groups:
+    explicit `{{0,1},{2,3}}`, iota `[groups,size]<=[...]`, and `mesh[...] {'axis', ...}`."""
+    if match := re.search(r"replica_groups=mesh\[([^\]]*)\].*?\{([^}]*)\}", attributes):
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", match.group(1)))
+        return math.prod(int(sizes[axis]) for axis in re.findall(r"'(\w+)'", match.group(2)))
+    if match := re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attributes):
+        return int(match.group(2))
+    if match := re.search(r"replica_groups=\{\{([^}]*)\}", attributes):
+        return len(match.group(1).split(","))
+    raise ValueError(f"cannot read the replica groups of: {attributes[:200]}")
+
+
+def compiled_collective_bytes(hlo_text: str) -> dict[str, float]:
+    """Bytes one device sends per step by collective kind, read from a compiled program's HLO
+    text (`jit(f).lower(...).compile().as_text()`), by the ring formulas of
+    `collective_bytes_per_step`: all-reduce 2 n (p - 1) / p, all-gather and all-to-all
+    n (p - 1) / p of the result, reduce-scatter n (p - 1) of its shard, a permute n.
+
+    Each collective counts once as compiled: both branches of a `lax.cond` (AuxK when latents
+    are dead), one iteration of a loop. The check that a step moves what the formula says.
+    """
+    out = dict.fromkeys(COLLECTIVES, 0.0)
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE_LINE.search(line)
+        if match is None:
+            continue
+        op, nbytes = match.group("op"), _array_bytes(match.group("shape"))
+        if op == "collective-permute":
+            pairs = re.findall(r"\{(\d+),(\d+)\}", match.group("rest"))
+            out[op] += nbytes if any(a != b for a, b in pairs) else 0.0
+            continue
+        p = _group_size(match.group("rest"))
+        factor = {"all-reduce": 2 * (p - 1) / p, "reduce-scatter": p - 1}.get(op, (p - 1) / p)
+        out[op] += nbytes * factor
     return out | {"total": sum(out.values())}

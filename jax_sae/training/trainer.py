@@ -182,7 +182,6 @@ class Trainer:
         if is_primary():
             print(device_line(self.mesh), file=sys.stderr)
         announce(resolved)
-        self._warn_about_layout(resolved[0])
         self._preflight([[resolved[i] for i in group] for group in groups], loader)
         folders = [cfg.default_out()] if cfg.sweep else []
         with contextlib.ExitStack() as stack:
@@ -232,17 +231,6 @@ class Trainer:
                     raise ConfigError(f"--mesh {self.config.mesh}: {error}") from None
             variants = [run.variant for run in group]
             check_fits(variants, group[0].config.steps, self.config.batch_size, mesh_shape)
-
-    def _warn_about_layout(self, run: ResolvedRun) -> None:
-        """The sparse TopK path on a model axis moves far more than its reconstruction."""
-        sparse = run.variant.hparams.get("dense") is False
-        if self.mesh is not None and self.mesh.shape["model"] > 1 and sparse:
-            print(
-                "warning: on a mesh with model > 1 the sparse TopK path all-reduces its gathered "
-                "decoder rows ([batch x k, d_in] per step); --set dense=true moves only the "
-                "reconstruction (docs/scaling.md)",
-                file=sys.stderr,
-            )
 
     def _label(self, group: list[ResolvedRun], number: int, total: int) -> str:
         if not self.config.sweep:

@@ -44,21 +44,27 @@ def auxk_loss(
     k_aux: int,
     compute_dtype=jnp.float32,
     pre_at: PreAt | None = None,
+    replicated_dictionary: bool = False,
 ) -> jax.Array:
     """L_aux as defined in the module docstring; 0 when no latent is dead.
 
     `pre_at(rows, cols)` gives the differentiable pre-activations at those pairs (default
-    `pre[rows, cols]`); selection reads `pre` without gradient.
+    `pre[rows, cols]`); selection reads `pre` without gradient. `replicated_dictionary`: `w_dec`
+    is not split over a mesh's `model` axis (`sparse.decode`'s `replicated_table`).
     """
     pre_at = pre_at or (lambda rows, cols: pre[rows, cols])
     dead = jnp.asarray(dead)
 
     def normalised_aux_error() -> jax.Array:
         candidates = jnp.where(dead, lax.stop_gradient(pre), -jnp.inf)
-        rows, cols = sparse.per_row_pairs(topk(candidates, k_aux)[1])
-        values = jnp.where(dead[cols], jax.nn.relu(pre_at(rows, cols)), 0.0)
+        best, chosen = topk(candidates, k_aux)
+        rows, cols = sparse.per_row_pairs(chosen)
+        is_dead = best.reshape(-1) > -jnp.inf  # fewer than k_aux dead: the rest are live ones
+        values = jnp.where(is_dead, jax.nn.relu(pre_at(rows, cols)), 0.0)
         e = x - lax.stop_gradient(x_hat)
-        e_hat = sparse.decode(values, rows, cols, w_dec, x.shape[0], compute_dtype, True)
+        e_hat = sparse.decode(
+            values, rows, cols, w_dec, x.shape[0], compute_dtype, True, replicated_dictionary
+        )
         error = jnp.sum(jnp.square(e - e_hat))
         variance = jnp.sum(jnp.square(e - jnp.mean(e, axis=0)))
         x_variance = lax.stop_gradient(jnp.mean(jnp.sum(jnp.square(x - jnp.mean(x, 0)), -1)))

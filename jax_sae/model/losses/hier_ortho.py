@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_sae.model import blockwise
+from jax_sae.model import blockwise, sparse
+from jax_sae.model.activations import topk
 from jax_sae.model.architectures import matmul
 from jax_sae.model.losses import LossContext, LossTerm, TermOutput
 
@@ -300,8 +301,9 @@ class HierarchicalOrthogonality(LossTerm):
             args: tuple[jax.Array, ...]  # the pair scheme's inputs; no gradient flows to them
             if hp["counts"] == "batch":
                 pre = lax.stop_gradient(ctx.fwd.pre)
-                active = lax.top_k(pre, hp["k"])[1]
-                valid = jnp.take_along_axis(fires, active, axis=1) > 0
+                active = topk(pre, hp["k"])[1]
+                at_active = sparse.gather_pairs(fires, *sparse.per_row_pairs(active))
+                valid = at_active.reshape(active.shape) > 0
                 fn = partial(token_pair_decoder_sum, token_chunk=hp["token_chunk"], **options)
                 args = (active, valid, fires_t, fire)
             else:

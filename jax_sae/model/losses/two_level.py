@@ -45,6 +45,7 @@ class ConceptAuxK(LossTerm):
             ctx.params["W_dec_c"],
             min(hp["k_aux"], g.shape[-1]),
             ctx.model.compute_dtype,
+            replicated_dictionary=True,  # the concept level is never split (parallel.layout)
         )
         metrics = {
             "aux_c": aux,
