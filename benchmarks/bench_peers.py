@@ -18,6 +18,9 @@ compilation, lazy initialisation) are excluded.
    steps; held-out explained variance, L0 and dead fraction (latents that fire on no held-out
    token). Ours with and without `grad_clip_norm=1.0` (the peers' clipping).
 5. SAELens `use_sparse_activations=True`: one step, and what happens.
+6. The grid (`grid`): ours against sparsify over F (4096 .. 65536) x k (32 .. 320) at d_in 768 and
+   2304, beside the floor of a step, the dense encoder forward matmul alone; and where the time of
+   our step goes (`step_parts`) at the corners of the grid.
 
 Data: a synthetic sparse-dictionary world (`synthetic_batch`), written once to .npy files that
 both processes read.
@@ -26,9 +29,11 @@ both processes read.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -40,6 +45,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,6 +66,8 @@ FULL = {
     "rounds": 5,
     "sweep_rounds": 3,
     "quality": {"d": 128, "F": 2048, "k": 16, "steps": 400, "lr": 3e-3, "warmup": 40},
+    "grid": {"d": (768, 2304), "F": (4096, 16384, 65536), "k": (32, 64, 320), "B": 1024},
+    "grid_rounds": 3,
 }
 QUICK = {
     "d": 64,
@@ -71,6 +79,8 @@ QUICK = {
     "rounds": 3,
     "sweep_rounds": 2,
     "quality": {"d": 32, "F": 256, "k": 8, "steps": 30, "lr": 3e-3, "warmup": 3},
+    "grid": {"d": (32,), "F": (256, 1024), "k": (8, 16), "B": 128},
+    "grid_rounds": 2,
 }
 SPEED_LR, SPEED_WARMUP, SPEED_RUN_STEPS = 1e-4, 10, 100_000
 
@@ -223,13 +233,136 @@ def floor_seconds(cfg: dict, path: str, rounds: int) -> float:
     w = jax.random.normal(jax.random.key(0), (cfg["d"], cfg["F"]))
     x = jnp.asarray(np.array(np.load(path, mmap_mode="r")[: cfg["B"]]))
     fn = jax.jit(lambda x, w: topk(matmul(x, w, jnp.float32), cfg["k"]))
-    jax.block_until_ready(fn(x, w))
+    return _median_seconds(fn, (x, w), rounds)
+
+
+def matmul_floor_seconds(cfg: dict, path: str, rounds: int) -> float:
+    """The floor of any step at these sizes: the dense encoder forward [B, d] x [d, F] alone."""
+    w = jax.random.normal(jax.random.key(0), (cfg["d"], cfg["F"]))
+    x = jnp.asarray(np.array(np.load(path, mmap_mode="r")[: cfg["B"]]))
+    return _median_seconds(jax.jit(lambda x, w: matmul(x, w, jnp.float32)), (x, w), rounds)
+
+
+def _median_seconds(fn: Callable, args: tuple, rounds: int) -> float:
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        jax.block_until_ready(fn(x, w))
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def step_parts(cfg: dict, path: str, rounds: int) -> dict[str, float]:
+    """Where our TopK step's time goes, each part jitted and timed alone (cumulative): the
+    encoder matmul, + the top-k, the loss forward, + its gradient, + Adam (the whole step); and
+    the optimizer update alone (projection, Adam, renormalisation) on one gradient."""
+    ours = Ours("topk", cfg, SPEED_LR, SPEED_WARMUP)
+    ours.step(path, 0)
+    x = jnp.asarray(np.array(np.load(path, mmap_mode="r")[: cfg["B"]]))
+    params, state, v = ours.params, ours.state, ours.variant
+    w = params["W_enc"]
+    step = jnp.int32(1)
+
+    def loss(p):
+        return v.loss(p, state, {"x": x}, step)[0]
+
+    parts = {
+        "encoder matmul": jax.jit(lambda x, w: matmul(x, w, jnp.float32)),
+        "+ top-k": jax.jit(lambda x, w: topk(matmul(x, w, jnp.float32), cfg["k"])),
+        "loss forward": jax.jit(loss),
+        "loss + gradient": jax.jit(jax.grad(loss)),
+    }
+    args = {"encoder matmul": (x, w), "+ top-k": (x, w)}
+    out = {
+        name: _median_seconds(fn, args.get(name, (params,)), rounds) for name, fn in parts.items()
+    }
+    grads = jax.jit(jax.grad(loss))(params)
+
+    def update(params, opt_state):
+        updates, opt_state = ours.opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    optimizer = _median_seconds(jax.jit(update), (params, ours.opt_state), rounds)
+    whole = [ours.step(path, i + 1) for i in range(rounds)]  # donates `params`: last
+    return out | {
+        "whole step (+ Adam, projection)": statistics.median(whole),
+        "optimizer alone": optimizer,
+    }
+
+
+def top_ops(cfg: dict, path: str, steps: int = 2, top: int = 8) -> list[tuple[str, float]]:
+    """The compiled ops of our TopK step that take the most time, ms per step, from a
+    `jax.profiler` trace of `steps` steps after two untimed ones (names as XLA gives them:
+    a `ynn_fusion` is a matmul, a `multiply_add_fusion` an elementwise loop, `wrapped_broadcast`
+    an array filled with a constant; host-side events are left out)."""
+    ours = Ours("topk", cfg, SPEED_LR, SPEED_WARMUP)
+    for index in range(2):
+        ours.step(path, index)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        for index in range(2, 2 + steps):
+            ours.step(path, index)
+        jax.profiler.stop_trace()
+        (trace,) = Path(trace_dir).rglob("*.trace.json.gz")
+        events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    total: dict[str, float] = {}
+    for event in events:
+        name = event.get("name", "")
+        is_op = re.fullmatch(r"[a-z][\w-]*\.\d+|[a-z][\w-]*_fusion", name) is not None
+        if event.get("ph") == "X" and "dur" in event and is_op:
+            total[name] = total.get(name, 0.0) + event["dur"] / 1e3 / steps
+    return sorted(total.items(), key=lambda item: -item[1])[:top]
+
+
+def grid(worker, cfg: dict, folder: Path, out: dict) -> str:
+    """Ours (sparse, the default) against sparsify at every (d, F, k) of the grid, interleaved
+    per point, beside the matmul floor; then `step_parts` at the grid's corners."""
+    g = cfg["grid"]
+    rounds = cfg["grid_rounds"]
+    rows = [
+        "| d_in | F | k | ours s/step | sparsify s/step | floor (encoder matmul) | sparsify / ours "
+        "| ours / floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for d in g["d"]:
+        path = write_data(folder, f"grid_{d}", d, 4 * g["B"], seed=4)
+        for F in g["F"]:
+            for k in g["k"]:
+                c = {"d": d, "F": F, "k": k, "B": g["B"]}
+                print(f"grid d {d} F {F} k {k}", file=sys.stderr, flush=True)
+                result = interleaved(topk_builders(worker, c, ("sparsify",), dense=False), path,
+                                     rounds)  # fmt: skip
+                floor = matmul_floor_seconds(c, path, rounds)
+                out[f"grid_d{d}_F{F}_k{k}"] = result | {"floor": floor}
+                ours, peer = (result[name]["median"] for name in result)
+                peer_text = "failed" if peer is None else f"{peer:.3f}"
+                ratio = "" if peer is None else f"{peer / ours:.2f}"
+                rows.append(f"| {d} | {F} | {k} | {ours:.3f} | {peer_text} | {floor:.3f} "
+                            f"| {ratio} | {ours / floor:.2f} |")  # fmt: skip
+    report = [f"#### TopK grid, batch {g['B']}, float32 ({rounds} rounds per point)", "", *rows]
+    corners = [
+        (d, F, k) for d in g["d"] for F in (g["F"][0], g["F"][-1]) for k in (g["k"][0], g["k"][-1])
+    ]  # noqa: E501
+    report += ["", "#### Where our step's time goes (s, each part jitted alone, cumulative)", ""]
+    names: list[str] = []
+    for d, F, k in corners:
+        c = {"d": d, "F": F, "k": k, "B": g["B"]}
+        parts = step_parts(c, str(folder / f"grid_{d}.npy"), rounds)
+        out[f"parts_d{d}_F{F}_k{k}"] = parts
+        if not names:
+            names = list(parts)
+            report += [
+                "| d_in | F | k | " + " | ".join(names) + " |",
+                "|---" * (3 + len(names)) + "|",
+            ]
+        report.append(f"| {d} | {F} | {k} | " + " | ".join(f"{parts[n]:.3f}" for n in names) + " |")
+    d, F, k = g["d"][-1], g["F"][-1], g["k"][1 if len(g["k"]) > 1 else 0]
+    ops = top_ops({"d": d, "F": F, "k": k, "B": g["B"]}, str(folder / f"grid_{d}.npy"))
+    out[f"top_ops_d{d}_F{F}_k{k}"] = ops
+    report += ["", f"#### Top ops of our step, d_in {d}, F {F}, k {k} (ms per step)", ""]
+    report += ["| op | ms |", "|---|---|", *(f"| `{name}` | {ms:.0f} |" for name, ms in ops)]
+    return "\n".join(report) + "\n"
 
 
 def table(title: str, result: dict, base: str) -> str:
@@ -252,11 +385,12 @@ def table(title: str, result: dict, base: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def topk_builders(worker, cfg: dict, peers: tuple[str, ...]) -> dict:
-    builders = {
-        "jax_sae topk (sparse)": lambda: Ours("topk", cfg, SPEED_LR, SPEED_WARMUP),
-        "jax_sae topk (dense)": lambda: Ours("topk", cfg, SPEED_LR, SPEED_WARMUP, dense=True),
-    }
+def topk_builders(worker, cfg: dict, peers: tuple[str, ...], dense: bool = True) -> dict:
+    builders = {"jax_sae topk (sparse)": lambda: Ours("topk", cfg, SPEED_LR, SPEED_WARMUP)}
+    if dense:
+        builders["jax_sae topk (dense)"] = lambda: Ours(
+            "topk", cfg, SPEED_LR, SPEED_WARMUP, dense=True
+        )
     for lib in peers:
         builders[lib] = lambda lib=lib: Peer(
             worker, lib, "topk", cfg, SPEED_LR, SPEED_WARMUP, SPEED_RUN_STEPS
@@ -368,7 +502,7 @@ def main() -> None:
     parser.add_argument("--peers-python", default=".venv-peers/bin/python")
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     parser.add_argument("--json", help="write all timings here")
-    parser.add_argument("--skip", nargs="*", default=(), choices=("speed", "quality"))
+    parser.add_argument("--skip", nargs="*", default=(), choices=("speed", "grid", "quality"))
     args = parser.parse_args()
     cfg = QUICK if args.quick else FULL
     started = time.time()
@@ -390,6 +524,8 @@ def main() -> None:
         if "speed" not in args.skip:
             report += speed(worker, cfg, folder, out)
             report.append(saelens_sparse_activations(worker, cfg, folder))
+        if "grid" not in args.skip:
+            report.append(grid(worker, cfg, folder, out))
         if "quality" not in args.skip:
             report.append(quality(worker, cfg, folder, out))
         print("\n".join(report))

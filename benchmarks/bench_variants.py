@@ -1,12 +1,17 @@
 """Regularisation overhead: step time of each research variant relative to its base architecture.
 
     python benchmarks/bench_variants.py [--quick] [--d-in 2304] [--d-sae 16384] [--batch 2048]
+        [--only pair_ortho] [--set select_every=1]
 
 Every variant of `BASES` that the registry has (others are listed as missing) runs through the
 real jitted train step (`make_train_step` + `make_optimizer`) at the same shapes as its base, and
 shares with the base every hyper-parameter both have (e.g. `k`). Base and variant steps are
 timed alternately, so a busy machine slows both alike; the ratio of the medians is reported
-against the target of `TARGETS`. Prints a markdown table (and `--json PATH` writes the numbers).
+against the target of `TARGETS`. A variant with a periodic cost (pair_ortho's `select_every` n)
+is timed over whole periods (steps rounded up to a multiple of n) and compared by mean step
+time, since a median would skip the expensive steps. `--set name=value` overrides a
+hyper-parameter of the variants measured. Prints a markdown table (and `--json PATH` writes the
+numbers).
 """
 
 from __future__ import annotations
@@ -72,9 +77,9 @@ class Stepper:
         return time.perf_counter() - start
 
 
-def paired_variants(name: str, d_in: int, d_sae: int):
+def paired_variants(name: str, d_in: int, d_sae: int, overrides: dict | None = None):
     """(variant, its base) at the same shapes, the base taking the variant's shared hparams."""
-    variant = make_variant(name, d_in, d_sae)
+    variant = make_variant(name, d_in, d_sae, **(overrides or {}))
     base_defaults = make_variant(BASES[name], d_in, d_sae).hparams
     shared = {
         key: value
@@ -85,16 +90,19 @@ def paired_variants(name: str, d_in: int, d_sae: int):
 
 
 def measure(name: str, args: argparse.Namespace) -> dict:
-    variant, base = paired_variants(name, args.d_in, args.d_sae)
+    variant, base = paired_variants(name, args.d_in, args.d_sae, args.set)
+    period = variant.hparams.get("select_every", 1)
+    steps = -(-args.steps // period) * period
     steppers = {"base": Stepper(base, args.batch), "variant": Stepper(variant, args.batch)}
     for stepper in steppers.values():  # compile + first run
         for _ in range(args.warmup):
             stepper.step()
     times = {"base": [], "variant": []}
-    for _ in range(args.steps):
+    for _ in range(steps):
         for key in ("base", "variant"):
             times[key].append(steppers[key].step())
-    base_s, variant_s = statistics.median(times["base"]), statistics.median(times["variant"])
+    statistic = statistics.median if period == 1 else statistics.mean
+    base_s, variant_s = statistic(times["base"]), statistic(times["variant"])
     target = TARGETS.get(name)
     ratio = variant_s / base_s
     return {
@@ -106,13 +114,17 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         "target": target,
         "ok": None if target is None else ratio <= target,
         "shared_hparams": {k: base.hparams[k] for k in base.hparams if k in variant.hparams},
+        "steps": steps,
+        "statistic": statistic.__name__,
+        "select_every": period,
     }
 
 
 def table(results: list[dict], missing: list[str], args: argparse.Namespace) -> str:
     lines = [
         f"d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, median of {args.steps} "
-        f"alternating steps, {jax.default_backend()} ({jax.device_count()} device(s))",
+        f"alternating steps (mean over whole periods for a periodic cost), "
+        f"{jax.default_backend()} ({jax.device_count()} device(s))",
         "",
         "| variant | base | base s/step | variant s/step | ratio | target | meets target |",
         "|---|---|---|---|---|---|---|",
@@ -138,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps (compilation)")
     parser.add_argument("--only", nargs="*", help="measure these variants only")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="NAME=VALUE", help="override variant hparams"
+    )
     args = parser.parse_args(argv)
+    args.set = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     if args.quick:
         args.d_in, args.d_sae, args.batch, args.steps = 64, 512, 256, 3
     names = [n for n in BASES if not args.only or n in args.only]

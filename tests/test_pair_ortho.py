@@ -122,7 +122,7 @@ def test_approx_method_finds_most_pairs():
 
 def test_score_ema_and_jaccard_over_steps():
     decay = 0.5
-    v, params, _ = setup(score_ema=True, score_ema_decay=decay, tau_mode="adaptive")
+    v, params, _ = setup(score_ema=True, score_ema_decay=decay, tau_mode="adaptive", select_every=1)
     state = v.init_state()
     assert state[pair_ortho.SCORES_KEY].shape == (F, F)
     ema, previous = np.zeros((F, F)), None
@@ -140,6 +140,47 @@ def test_score_ema_and_jaccard_over_steps():
         np.testing.assert_allclose(metrics["pair_jaccard"], jaccard, rtol=1e-6)
         previous = selected
     assert 0 < jaccard < 1  # the test saw a partly changed selection
+
+
+@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+def test_select_every_reuses_the_stored_pairs_on_the_current_decoder(mode):
+    """select_every 3: steps 0 and 3 select afresh from their own batch; steps 1, 2 and 4 keep
+    the last fresh selection (and its scores, for the adaptive weights) but penalise it on the
+    decoder they are given; pair_jaccard is 1 on reuse steps and, at step 3, compares with the
+    selection of step 0."""
+    v, params, _ = setup(tau_mode=mode, select_every=3)
+    state = v.init_state()
+    rng = np.random.default_rng(5)
+    in_use = previous = None
+    for step in range(5):
+        x = jax.random.normal(jax.random.key(40 + step), (B, D))
+        w_dec = params["W_dec"] * (1 + 0.1 * rng.normal(size=params["W_dec"].shape))
+        params_now = params | {"W_dec": jnp.asarray(w_dec, jnp.float32)}
+        metrics, state = run_loss(v, params_now, state, x, step)
+        k = len(state["pair_prev_rows"])
+        if step % 3 == 0:
+            previous, in_use = in_use, np_select(scores_of(v, params_now, x), k)
+        rows, cols, values = in_use
+        expected, _ = np_penalty(w_dec, rows, cols, values, mode)
+        np.testing.assert_allclose(metrics["pair_ortho"], expected, rtol=2e-5)
+        np.testing.assert_array_equal(state["pair_prev_rows"], rows)
+        np.testing.assert_array_equal(state["pair_prev_cols"], cols)
+        selected = set(zip(rows.tolist(), cols.tolist(), strict=True))
+        if step == 0:
+            jaccard = 0.0
+        elif step % 3:
+            jaccard = 1.0
+        else:
+            before = set(zip(previous[0].tolist(), previous[1].tolist(), strict=True))
+            jaccard = len(selected & before) / len(selected | before)
+            assert selected != before  # step 3 selected afresh
+        np.testing.assert_allclose(metrics["pair_jaccard"], jaccard, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, -1])
+def test_select_every_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="select_every must be an integer"):
+        make_variant("pair_ortho", D, F, select_every=bad)
 
 
 def test_training_beats_the_untrained_loss():

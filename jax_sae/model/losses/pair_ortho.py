@@ -31,9 +31,17 @@ rule at trace time. Cost: the scores take F^2 B flops, F / (10 d) times the flop
 ReLU-SAE step (0.7x at F 16384, d 2304), in tiles that XLA:CPU runs at about half the
 efficiency of the encoder matmul: this, not the selection, is the overhead.
 
-Stability: state `pair_prev_rows`/`pair_prev_cols` [K] hold the previous step's selection; the
-metric `pair_jaccard` = |S_t & S_{t-1}| / |S_t | S_{t-1}| (0 at the first step, which has none).
-Other metrics: `pair_ortho` = L_pair / tau and `pair_score_max` = max s.
+`select_every` = n > 1 selects afresh only on steps 0, n, 2n, ... and penalises the stored
+selection (state `pair_prev_rows`/`pair_prev_cols`/`pair_prev_scores`, [K]) in between, so the
+F^2 B score flops are paid once per n steps; the penalty and its gradient (K pairs x d) are
+computed every step on the current decoder. The stored set is at most n - 1 steps old; how much
+the set moves in n steps is what `pair_jaccard` reports at the fresh steps (docs/variants.md).
+With `score_ema` the EMA is still updated every step; only the selection waits.
+
+Stability: the metric `pair_jaccard` = |S_t & S_prev| / |S_t | S_prev|, S_prev the selection the
+step started from: the previous step's with select_every 1, the one n steps back at a fresh step
+otherwise (1 on steps that reuse it; 0 at step 0, which has none). Other metrics: `pair_ortho` =
+L_pair / tau and `pair_score_max` = max s of the selection in use.
 """
 
 import jax
@@ -52,6 +60,7 @@ gives the reconstruction gradient ~100x the weight it has at the small tied init
 SCORES_KEY = "pair_scores"
 PREV_ROWS_KEY = "pair_prev_rows"
 PREV_COLS_KEY = "pair_prev_cols"
+PREV_SCORES_KEY = "pair_prev_scores"
 EXACT_MAX_LATENTS = 16384
 """Largest F for which `topk_method` defaults to exact."""
 PAIR_CHUNK = 8192
@@ -132,6 +141,7 @@ class PairOrthogonality(LossTerm):
         "score_ema_decay": 0.95,
         "topk_method": lambda d_in, d_sae: resolve_method("auto", d_sae),
         "block_size": 1024,
+        "select_every": 4,
     }
     HPARAM_DOCS = {
         "tau": "weight of (1/F) sum t_ij |d_i . d_j| over the selected pairs; scales with d_in",
@@ -142,6 +152,7 @@ class PairOrthogonality(LossTerm):
         "score_ema_decay": "per-step EMA decay of the pair scores (score_ema only)",
         "topk_method": "pair selection: lax.top_k or lax.approx_max_k; auto: exact to F 16384",
         "block_size": "tile size b of the blockwise pair scores (b x b tiles); memory",
+        "select_every": "select the pairs every n steps, penalise the stored set in between",
     }
     CHOICES = {"tau_mode": ("fixed", "adaptive"), "topk_method": ("exact", "approx", "auto")}
 
@@ -158,12 +169,15 @@ class PairOrthogonality(LossTerm):
             raise ValueError(f"score_ema_decay must be in [0, 1), got {hparams['score_ema_decay']}")
         if hparams["block_size"] < 1:
             raise ValueError(f"block_size must be >= 1, got {hparams['block_size']}")
+        if hparams["select_every"] < 1:
+            raise ValueError(f"select_every must be an integer >= 1, got {hparams['select_every']}")
 
     def init_state(self, d_in, d_sae, hparams):
         k = n_selected(d_sae, hparams["rho"], hparams["min_pairs"])
         state = {
             PREV_ROWS_KEY: jnp.full((k,), -1, jnp.int32),
             PREV_COLS_KEY: jnp.full((k,), -1, jnp.int32),
+            PREV_SCORES_KEY: jnp.zeros((k,), jnp.float32),
         }
         if hparams["score_ema"]:
             state[SCORES_KEY] = jnp.zeros((d_sae, d_sae), jnp.float32)
@@ -194,7 +208,18 @@ class PairOrthogonality(LossTerm):
                 return matmul(codes_t[rows], codes_t[cols].T, dtype) / n_tokens
 
         method = resolve_method(hp["topk_method"], n_latents)
-        top = blockwise.top_upper_pairs(tile, n_latents, k, block, method)
+
+        def fresh() -> blockwise.TopPairs:
+            return blockwise.top_upper_pairs(tile, n_latents, k, block, method)
+
+        previous = blockwise.TopPairs(
+            state[PREV_SCORES_KEY], state[PREV_ROWS_KEY], state[PREV_COLS_KEY]
+        )
+        if hp["select_every"] == 1:
+            top = fresh()
+        else:
+            # a predicate of the step alone stays a branch under a sweep's vmap
+            top = lax.cond(ctx.step % hp["select_every"] == 0, fresh, lambda: previous)
         top_score = top.values[0]
         if hp["tau_mode"] == "adaptive":
             relative = jnp.where(
@@ -206,6 +231,7 @@ class PairOrthogonality(LossTerm):
         args = (top.rows, top.cols, weight / n_latents)
         penalty = blockwise.value_with_gradient(selected_pairs_sum, ctx.params["W_dec"], args)
         new_state[PREV_ROWS_KEY], new_state[PREV_COLS_KEY] = top.rows, top.cols
+        new_state[PREV_SCORES_KEY] = top.values
         metrics = {
             "pair_ortho": lax.stop_gradient(penalty),
             "pair_jaccard": jaccard(top.rows, top.cols, state[PREV_ROWS_KEY], state[PREV_COLS_KEY]),
