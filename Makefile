@@ -178,7 +178,7 @@ bench: setup
 bench-gpu: setup
 	$(PY) benchmarks/bench_gpu.py --out benchmarks/out/gpu.md $(BENCH_FLAGS)
 
-# Side by side with SAELens, sparsify and dictionary_learning (~35 min on 2 CPU cores; not in test).
+# Side by side with SAELens, sparsify and dictionary_learning (~27 min on 2 CPU cores; not in test).
 setup-peers: $(VENV_PEERS)/.installed
 $(VENV_PEERS)/.installed: requirements-peers.txt
 	test -x $(PY_PEERS) || $(PYTHON) -m venv $(VENV_PEERS)
