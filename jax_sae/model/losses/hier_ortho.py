@@ -23,7 +23,7 @@ from jax import lax
 
 from jax_sae.model import blockwise, sparse
 from jax_sae.model.activations import topk
-from jax_sae.model.architectures import matmul
+from jax_sae.model.architectures import Forward, SparseForward, matmul
 from jax_sae.model.losses import LossContext, LossTerm, TermOutput
 
 LAMBDA_2_DEFAULT = 3.0
@@ -214,6 +214,17 @@ def update_counts(
     return new_cofire, new_fire
 
 
+def active_latents(fwd: Forward, fires: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Each token's k largest pre-activations [B, k] and whether they fired: the sparse path's
+    own selection (no second top-k), or a top-k of the dense path's pre-activations."""
+    if isinstance(fwd, SparseForward):
+        active = fwd.cols.reshape(-1, k)
+        return active, (lax.stop_gradient(fwd.values) > 0).reshape(active.shape)
+    active = topk(lax.stop_gradient(fwd.pre), k)[1]
+    at_active = sparse.gather_pairs(fires, *sparse.per_row_pairs(active))
+    return active, at_active.reshape(active.shape) > 0
+
+
 class HierarchicalOrthogonality(LossTerm):
     NAME = "hier_ortho"
     ACTS_ON = ("W_dec",)
@@ -300,10 +311,7 @@ class HierarchicalOrthogonality(LossTerm):
         else:
             args: tuple[jax.Array, ...]  # the pair scheme's inputs; no gradient flows to them
             if hp["counts"] == "batch":
-                pre = lax.stop_gradient(ctx.fwd.pre)
-                active = topk(pre, hp["k"])[1]
-                at_active = sparse.gather_pairs(fires, *sparse.per_row_pairs(active))
-                valid = at_active.reshape(active.shape) > 0
+                active, valid = active_latents(ctx.fwd, fires, hp["k"])
                 fn = partial(token_pair_decoder_sum, token_chunk=hp["token_chunk"], **options)
                 args = (active, valid, fires_t, fire)
             else:
